@@ -1,0 +1,32 @@
+"""Triton kernels, each beside a plain-torch reference; installed as `nbhelpers.kernels`.
+
+A kernel runs through Triton when its inputs live on a CUDA device, or on CPU tensors when the Triton interpreter
+is on (`TRITON_INTERPRET=1`, how the tests exercise kernels without a GPU); everything else takes the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel should run through Triton for these inputs (CUDA tensors, or the interpreter on CPU)."""
+    if not triton_available():
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return interpreting() and all(t.device.type == "cpu" for t in tensors)

@@ -1,0 +1,13 @@
+"""nbhelpers: the thin layer the notebooks' cells call. Each function is small enough to read in place."""
+from .data import (eval_rows, format_dataset, load_sft_dataset, make_task_dataset, parse_response, show_masked,
+                   to_messages, tokenize_example)
+from .env import adapt_to_device, environment, pick_device, pick_dtype, report_environment
+from .evaluate import exact_match, generate, show_examples, write_jsonl
+from .export import merge_lora, save_adapter, save_merged
+from .loading import add_lora, load_model, lora_targets
+from .memory import WontFitError, check_memory, estimate
+from .presets import PRESETS, settings
+from .report import Timer, memory_report, plot_loss, print_memory_time, reset_peak_memory, save_metrics
+from .tiny import build_tiny
+
+__all__ = [name for name in dir() if not name.startswith("_")]

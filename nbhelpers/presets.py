@@ -1,0 +1,34 @@
+"""Named settings per notebook. `full` is the real run on a GPU; `tiny` is a real run at toy scale on CPU.
+
+`settings(notebook, preset, **params)`: the preset's values, with every parameter that is not None on top.
+"""
+from __future__ import annotations
+
+PRESETS = {
+    "qlora_sft": {
+        "full": dict(
+            model_name="Qwen/Qwen2.5-1.5B-Instruct",  # or "openai/gpt-oss-20b" (needs the MXFP4 path)
+            dataset_name="yahma/alpaca-cleaned", system_prompt=None, n_train=None, n_eval=50,
+            max_steps=60, batch_size=2, grad_accum=4, learning_rate=2e-4, lora_r=16, lora_alpha=32,
+            max_length=1024, max_new_tokens=256, quantization="nf4", gradient_checkpointing=True,
+            logging_steps=5),
+        "tiny": dict(
+            model_name="tiny:llama", dataset_name="synthetic:sort", system_prompt=None, n_train=4000, n_eval=50,
+            max_steps=300, batch_size=16, grad_accum=1, learning_rate=5e-3, lora_r=32, lora_alpha=32,
+            max_length=64, max_new_tokens=16, quantization="nf4", gradient_checkpointing=False,
+            logging_steps=10),
+    },
+}
+
+
+def settings(notebook: str, preset: str, **params) -> dict:
+    """Resolve a notebook's settings: the preset's defaults overridden by the parameters that are not None."""
+    if notebook not in PRESETS:
+        raise ValueError(f"unknown notebook {notebook!r}; known: {sorted(PRESETS)}")
+    presets = PRESETS[notebook]
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {notebook}; expected one of {sorted(presets)}")
+    unknown = set(params) - set(presets[preset])
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)} for {notebook}; known: {sorted(presets[preset])}")
+    return {**presets[preset], **{k: v for k, v in params.items() if v is not None}, "preset": preset}
