@@ -112,7 +112,11 @@ def format_dataset(dataset, tokenizer, system: str | None = None, max_length: in
     check_columns(dataset, columns)
     out = dataset.map(lambda row: tokenize_example(tokenizer, to_messages(row, system), max_length),
                       remove_columns=list(dataset.column_names))
-    return out.filter(lambda row: any(l != -100 for l in row["labels"]))
+    kept = out.filter(lambda row: any(l != -100 for l in row["labels"]))
+    if len(out) and not len(kept):
+        raise ValueError(f"max_length={max_length} cuts off the answer of all {len(out)} rows (the prompt "
+                         f"alone is {len(out[0]['input_ids'])}+ tokens); raise max_length")
+    return kept
 
 
 def show_masked(tokenizer, example: dict, mask_char: str = "·") -> str:

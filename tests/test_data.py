@@ -56,7 +56,8 @@ def test_format_dataset_drops_rows_without_answer_tokens(tiny_llama):
     tok = load_tokenizer(tiny_llama)
     ds = data.make_task_dataset("sort", n_train=5, n_eval=1)["train"]
     assert len(data.format_dataset(ds, tok, max_length=512)) == 5
-    assert len(data.format_dataset(ds, tok, max_length=8)) == 0
+    with pytest.raises(ValueError, match="max_length=8 cuts off the answer of all 5 rows"):
+        data.format_dataset(ds, tok, max_length=8)
 
 
 def test_parse_response():
