@@ -14,6 +14,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     """Greedy completions (raw text with special tokens) of prompts given as exact model-input text."""
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    # MoE models (gpt-oss) that trained with the router aux loss on would compute it while decoding, where
+    # transformers' aux-loss code breaks on the KV-cache steps; generation never needs it.
+    router_logits = getattr(model.config, "output_router_logits", False)
+    model.config.output_router_logits = False
     device = next(model.parameters()).device
     out = []
     try:
@@ -25,6 +29,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+        model.config.output_router_logits = router_logits
     return out
 
 

@@ -75,3 +75,13 @@ def test_experts_flag_needs_gpt_oss(tiny_llama):
     model, _ = nb.load_model(tiny_llama)
     with pytest.raises(ValueError, match="gpt-oss"):
         nb.add_lora(model, experts=True)
+
+
+def test_generate_on_moe_trained_with_router_aux_loss(tiny_gpt_oss):
+    """TRL turns on output_router_logits for MoE models; greedy generation must still work and restore it."""
+    model, tok = nb.load_model(tiny_gpt_oss)
+    model.config.output_router_logits = True
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+               for c in ("3 1 2", "Sort the digits 9 4")]
+    out = nb.generate(model, tok, prompts, max_new_tokens=4)
+    assert len(out) == 2 and model.config.output_router_logits is True
