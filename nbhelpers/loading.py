@@ -1,6 +1,8 @@
 """Loading a model + tokenizer (hub id, local path, or `tiny:<arch>`), and attaching LoRA with peft."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .env import pick_device, pick_dtype
@@ -44,19 +46,22 @@ def load_model(name_or_path: str, quantization: str | None = None, dtype: torch.
     """Load `(model, tokenizer)`; the tokenizer is None when the path has none.
 
     quantization: None (weights in `dtype`), "nf4" (bitsandbytes 4-bit NF4 with double-quantized absmax for
-    every nn.Linear but the LM head; compute in `dtype`), "mxfp4" (gpt-oss experts kept in MXFP4: not yet built).
+    every nn.Linear but the LM head; compute in `dtype`), "mxfp4" (gpt-oss: the checkpoint's MXFP4 experts stay
+    uint8 in `Mxfp4Experts`, everything else in `dtype`). A gpt-oss checkpoint stored in MXFP4 is streamed
+    tensor by tensor under both "mxfp4" and "nf4" (then attention projections become NF4), never upcast whole.
     dtype defaults to `pick_dtype(device)`: fp32 on CPU, fp16 on a T4, bf16 on Ampere and newer.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization == "mxfp4":
-        raise NotImplementedError("quantization='mxfp4' (native MXFP4 experts with LoRA) is not built yet; "
-                                  "use 'nf4' or None")
     device = torch.device(device) if device is not None else pick_device()
     dtype = dtype or pick_dtype(device)
     path = resolve_model_path(name_or_path)
+    if quantization == "mxfp4" or (quantization == "nf4" and _is_mxfp4_checkpoint(path)):
+        from .mxfp4_loading import load_gpt_oss_mxfp4
+
+        return load_gpt_oss_mxfp4(path, dtype, device, nf4=quantization == "nf4"), load_tokenizer(path)
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -67,6 +72,13 @@ def load_model(name_or_path: str, quantization: str | None = None, dtype: torch.
     if device.type != "cuda" and quantization is None:
         model.to(device)
     return model, load_tokenizer(path)
+
+
+def _is_mxfp4_checkpoint(path: str) -> bool:
+    config = load_config(path)
+    q = getattr(config, "quantization_config", None) or {}
+    q = q if isinstance(q, dict) else q.to_dict()
+    return config.model_type == "gpt_oss" and q.get("quant_method") == "mxfp4"
 
 
 def is_gpt_oss(model) -> bool:
@@ -89,19 +101,31 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_m
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    from .mxfp4_experts import mxfp4_expert_modules
+
+    mxfp4 = mxfp4_expert_modules(model)
+    # MXFP4 experts carry their own LoRA factors (peft's target_parameters would need dense 3-D weights).
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        target_parameters=GPT_OSS_EXPERT_PARAMS if experts else None, bias="none",
+                        target_parameters=GPT_OSS_EXPERT_PARAMS if experts and not mxfp4 else None, bias="none",
                         task_type="CAUSAL_LM", **kwargs)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # Mxfp4Experts is a peft tuner layer before peft runs: not a second PEFT pass
+        warnings.filterwarnings("ignore", message="You are trying to modify a model with PEFT for a second time")
+        peft_model = get_peft_model(model, config)
+    if experts:
+        for _, module in mxfp4:
+            module.update_layer("default", r, alpha)
     _check_lora_attached(peft_model, experts)
     return peft_model
 
 
 def lora_targets(peft_model) -> list[str]:
-    """Names of the modules that carry a LoRA adapter."""
+    """Names of the modules that carry a LoRA adapter (peft's LoRA layers and MXFP4 experts with LoRA factors)."""
     from peft.tuners.lora import LoraLayer
 
-    return [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    from .mxfp4_experts import Mxfp4Experts
+
+    return [n for n, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) or (isinstance(m, Mxfp4Experts) and len(m.lora_gate_up_A) > 0)]
 
 
 def _check_lora_attached(peft_model, experts: bool) -> None:

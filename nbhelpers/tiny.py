@@ -15,7 +15,7 @@ import torch
 
 from .data import synthetic_corpus
 
-ARCHS = ("llama", "gpt_oss")
+ARCHS = ("llama", "gpt_oss", "gpt_oss_mxfp4")
 # Random weights at std 0.1 rather than the usual 0.02: at hidden size 64 the smaller init leaves logits so flat
 # that LoRA on a frozen random model barely moves them in a few hundred steps.
 INIT_STD = 0.1
@@ -116,6 +116,8 @@ def build_tiny(arch: str = "llama", out_dir: str | os.PathLike | None = None, se
     """Build (or reuse) a tiny random-weight model + tokenizer; returns the directory path."""
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHS}")
+    if arch == "gpt_oss_mxfp4":
+        return build_tiny_gpt_oss_mxfp4(out_dir, seed)
     out = Path(out_dir) if out_dir is not None else cache_dir() / f"tiny-{arch}-seed{seed}-{_source_hash()}"
     marker = out / "nbhelpers_tiny.json"
     if marker.exists():
@@ -137,4 +139,57 @@ def build_tiny(arch: str = "llama", out_dir: str | os.PathLike | None = None, se
     except OSError:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+    return str(out)
+
+
+# gpt-oss's own checkpoint layout: only the experts are MXFP4, everything else stays in floating point.
+MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def build_tiny_gpt_oss_mxfp4(out_dir: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """The tiny gpt-oss with its experts written as the official MXFP4 checkpoint does.
+
+    `...experts.gate_up_proj_blocks` uint8 [E, 2I, H/32, 16] and `_scales` uint8 [E, 2I, H/32] (weights stored
+    [out, in], blocks along the input dim), `down_proj` likewise with [E, H, I/32, ...]; biases and every other
+    weight as the float model has them; `quantization_config = {"quant_method": "mxfp4", ...}` in config.json.
+    Blocks are random bytes; scales are random around 2^-6 so the experts' outputs stay of order one.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir) if out_dir is not None else cache_dir() / f"tiny-gpt_oss_mxfp4-seed{seed}-{_source_hash()}"
+    marker = out / "nbhelpers_tiny.json"
+    if marker.exists():
+        return str(out)
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer("gpt_oss")
+    ids = {"bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = _model_config("gpt_oss", len(tokenizer), ids)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            rows, cols = (2 * I, H) if name.endswith("gate_up_proj") else (H, I)
+            state[name + "_blocks"] = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8,
+                                                    generator=gen)
+            state[name + "_scales"] = torch.randint(119, 125, (E, rows, cols // 32), dtype=torch.uint8,
+                                                    generator=gen)
+        else:
+            state[name] = tensor.contiguous()
+    config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_NOT_CONVERTED}
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(tmp)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    (tmp / "nbhelpers_tiny.json").write_text(json.dumps({"arch": "gpt_oss_mxfp4", "seed": seed}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)

@@ -1,0 +1,114 @@
+"""`Mxfp4Experts`: a drop-in for transformers' GptOssExperts that keeps the checkpoint's MXFP4 bytes and trains LoRA.
+
+It holds `gate_up_proj_blocks/_scales` and `down_proj_blocks/_scales` exactly as the checkpoint stores them (uint8
+buffers, never upcast), the two biases as frozen parameters, and per-adapter LoRA factors for every expert:
+
+    lora_gate_up_A[name] [E, r, H]   lora_gate_up_B[name] [E, 2I, r]
+    lora_down_A[name]    [E, r, I]   lora_down_B[name]    [E, H, r]      scaling alpha / r
+
+`forward(hidden_states, router_indices, routing_weights)` has GptOssExperts' signature and computes only the
+routed experts (`nbhelpers.kernels.moe.moe_experts`). It is a peft `BaseTunerLayer`, so `PeftModel.disable_adapter()`
+(how TRL gets reference log-probs) switches its LoRA off like every other adapter; the parameter names carry
+`lora_` and the adapter name, so peft saves and loads them with the adapter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .kernels.moe import moe_experts
+
+LORA_FACTORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+class Mxfp4Experts(nn.Module, BaseTunerLayer):
+    adapter_layer_names = LORA_FACTORS
+    other_param_names = ("lora_r", "lora_alpha", "lora_scaling")
+
+    def __init__(self, config, dtype: torch.dtype | None = None):
+        super().__init__()
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        if H % 32 or I % 32:
+            raise ValueError(f"MXFP4 experts need hidden and intermediate sizes divisible by 32, found {H} and {I}")
+        self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.alpha = getattr(config, "swiglu_alpha", 1.702)
+        self.limit = getattr(config, "swiglu_limit", 7.0)
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("gate_up_proj_blocks", torch.zeros(E, 2 * I, H // 32, 16, dtype=torch.uint8))
+        self.register_buffer("gate_up_proj_scales", torch.zeros(E, 2 * I, H // 32, dtype=torch.uint8))
+        self.register_buffer("down_proj_blocks", torch.zeros(E, H, I // 32, 16, dtype=torch.uint8))
+        self.register_buffer("down_proj_scales", torch.zeros(E, H, I // 32, dtype=torch.uint8))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, dtype=dtype), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H, dtype=dtype), requires_grad=False)
+        for name in LORA_FACTORS:
+            setattr(self, name, nn.ParameterDict())
+        self.lora_r, self.lora_alpha, self.lora_scaling = {}, {}, {}
+        self._active_adapter = []
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.calls = 0  # forward calls, for tests and benchmarks
+
+    # --- LoRA -------------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str = "default", r: int = 16, lora_alpha: float = 32,
+                     init_lora_weights: bool = True, dtype: torch.dtype | None = None) -> None:
+        """Add LoRA factors for every expert (A: kaiming-uniform as peft does, B: zeros), and make them active."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        dtype = dtype or self.gate_up_proj_bias.dtype
+        device = self.gate_up_proj_bias.device
+        shapes = {"lora_gate_up_A": (E, r, H), "lora_gate_up_B": (E, 2 * I, r),
+                  "lora_down_A": (E, r, I), "lora_down_B": (E, H, r)}
+        for name, shape in shapes.items():
+            p = torch.zeros(shape, dtype=dtype, device=device)
+            if name.endswith("_A"):
+                bound = 1 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix
+                p.uniform_(-bound, bound)
+            elif not init_lora_weights:
+                p.normal_(0, 0.02)
+            getattr(self, name)[adapter_name] = nn.Parameter(p)
+        self.lora_r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.lora_scaling[adapter_name] = lora_alpha / r
+        if adapter_name not in self._active_adapter:
+            self._active_adapter = list(self.active_adapters) + [adapter_name]
+
+    def _adapters(self) -> list:
+        if self.disable_adapters:
+            return []
+        return [(self.lora_gate_up_A[n], self.lora_gate_up_B[n], self.lora_down_A[n], self.lora_down_B[n],
+                 self.lora_scaling[n]) for n in self.active_adapters if n in self.lora_gate_up_A]
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError("LoRA on MXFP4 experts cannot merge into 4-bit weights in place; export the "
+                                  "adapter, or dequantize and merge when saving")
+
+    def unmerge(self) -> None:
+        pass
+
+    def get_base_layer(self) -> nn.Module:
+        return self
+
+    # --- forward ----------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor | None = None,
+                routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if router_indices is None or routing_weights is None:
+            raise ValueError("Mxfp4Experts needs router_indices [T, k] and routing_weights ([T, k] or [T, E])")
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        if routing_weights.shape != router_indices.shape:  # older transformers pass dense scores [T, E]
+            routing_weights = routing_weights.gather(-1, router_indices.long())
+        self.calls += 1
+        out = moe_experts(x, router_indices, routing_weights,
+                          (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
+                          (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
+                          lora=self._adapters(), alpha=self.alpha, limit=self.limit)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"mxfp4, lora={sorted(self.lora_r)}")
+
+
+def mxfp4_expert_modules(model) -> list[tuple[str, Mxfp4Experts]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Mxfp4Experts)]
