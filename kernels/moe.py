@@ -28,7 +28,7 @@ def gpt_oss_swiglu(h: torch.Tensor, alpha: float = ALPHA, limit: float = LIMIT) 
     """gpt-oss's clamped SwiGLU on interleaved gate/up columns: [..., 2I] -> [..., I]."""
     gate = h[..., 0::2].clamp(max=limit)
     up = h[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * gate * torch.sigmoid(gate * alpha)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def sort_routes(router_indices: torch.Tensor, num_experts: int):

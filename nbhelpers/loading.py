@@ -125,7 +125,7 @@ def lora_targets(peft_model) -> list[str]:
     from .mxfp4_experts import Mxfp4Experts
 
     return [n for n, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) or (isinstance(m, Mxfp4Experts) and len(m.lora_gate_up_A) > 0)]
+            if isinstance(m, LoraLayer) or (isinstance(m, Mxfp4Experts) and m.has_lora)]
 
 
 def _check_lora_attached(peft_model, experts: bool) -> None:

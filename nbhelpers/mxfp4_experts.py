@@ -7,9 +7,9 @@ buffers, never upcast), the two biases as frozen parameters, and per-adapter LoR
     lora_down_A[name]    [E, r, I]   lora_down_B[name]    [E, H, r]      scaling alpha / r
 
 `forward(hidden_states, router_indices, routing_weights)` has GptOssExperts' signature and computes only the
-routed experts (`nbhelpers.kernels.moe.moe_experts`). It is a peft `BaseTunerLayer`, so `PeftModel.disable_adapter()`
-(how TRL gets reference log-probs) switches its LoRA off like every other adapter; the parameter names carry
-`lora_` and the adapter name, so peft saves and loads them with the adapter.
+routed experts (`nbhelpers.kernels.moe.moe_experts`). The LoRA factors live in a child `ExpertLora`, a peft `BaseTunerLayer`, so
+`PeftModel.disable_adapter()` (how TRL gets reference log-probs) switches them off like every other adapter, and
+peft saves and loads exactly them (never the MXFP4 bytes) with the adapter.
 """
 from __future__ import annotations
 
@@ -24,10 +24,63 @@ from .kernels.moe import moe_experts
 LORA_FACTORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
 
-class Mxfp4Experts(nn.Module, BaseTunerLayer):
+class ExpertLora(nn.Module, BaseTunerLayer):
+    """LoRA factors for every expert of one `Mxfp4Experts`, per adapter name (a peft tuner layer of its own, so
+    peft treats exactly these tensors as the adapter: trainable, saved, switched off by `disable_adapter()`)."""
     adapter_layer_names = LORA_FACTORS
     other_param_names = ("lora_r", "lora_alpha", "lora_scaling")
 
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        for name in LORA_FACTORS:
+            setattr(self, name, nn.ParameterDict())
+        self.lora_r, self.lora_alpha, self.lora_scaling = {}, {}, {}
+        self._active_adapter = []
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, dtype: torch.dtype, device,
+                     init_lora_weights: bool = True) -> None:
+        """Add LoRA factors for every expert (A: kaiming-uniform as peft does, B: zeros), and make them active."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        shapes = {"lora_gate_up_A": (E, r, H), "lora_gate_up_B": (E, 2 * I, r),
+                  "lora_down_A": (E, r, I), "lora_down_B": (E, H, r)}
+        for name, shape in shapes.items():
+            p = torch.zeros(shape, dtype=dtype, device=device)
+            if name.endswith("_A"):
+                bound = 1 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix
+                p.uniform_(-bound, bound)
+            elif not init_lora_weights:
+                p.normal_(0, 0.02)
+            getattr(self, name)[adapter_name] = nn.Parameter(p)
+        self.lora_r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.lora_scaling[adapter_name] = lora_alpha / r
+        if adapter_name not in self.active_adapters:
+            self._active_adapter = list(self.active_adapters) + [adapter_name]
+
+    def adapters(self) -> list:
+        """(A1, B1, A2, B2, scaling) of each active adapter; none while adapters are disabled."""
+        if self.disable_adapters:
+            return []
+        return [(self.lora_gate_up_A[n], self.lora_gate_up_B[n], self.lora_down_A[n], self.lora_down_B[n],
+                 self.lora_scaling[n]) for n in self.active_adapters if n in self.lora_gate_up_A]
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError("LoRA on MXFP4 experts cannot merge into 4-bit weights in place; save the "
+                                  "adapter, or dequantize the experts and merge when exporting")
+
+    def unmerge(self) -> None:
+        pass
+
+    def get_base_layer(self) -> nn.Module:
+        return self
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("ExpertLora holds factors only; Mxfp4Experts.forward uses them")
+
+
+class Mxfp4Experts(nn.Module):
     def __init__(self, config, dtype: torch.dtype | None = None):
         super().__init__()
         E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
@@ -43,51 +96,20 @@ class Mxfp4Experts(nn.Module, BaseTunerLayer):
         self.register_buffer("down_proj_scales", torch.zeros(E, H, I // 32, dtype=torch.uint8))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, dtype=dtype), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H, dtype=dtype), requires_grad=False)
-        for name in LORA_FACTORS:
-            setattr(self, name, nn.ParameterDict())
-        self.lora_r, self.lora_alpha, self.lora_scaling = {}, {}, {}
-        self._active_adapter = []
-        self._disable_adapters = False
-        self.merged_adapters = []
+        self.lora = None  # an ExpertLora, created by update_layer (after peft has wrapped the model)
         self.calls = 0  # forward calls, for tests and benchmarks
 
-    # --- LoRA -------------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str = "default", r: int = 16, lora_alpha: float = 32,
-                     init_lora_weights: bool = True, dtype: torch.dtype | None = None) -> None:
-        """Add LoRA factors for every expert (A: kaiming-uniform as peft does, B: zeros), and make them active."""
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-        dtype = dtype or self.gate_up_proj_bias.dtype
-        device = self.gate_up_proj_bias.device
-        shapes = {"lora_gate_up_A": (E, r, H), "lora_gate_up_B": (E, 2 * I, r),
-                  "lora_down_A": (E, r, I), "lora_down_B": (E, H, r)}
-        for name, shape in shapes.items():
-            p = torch.zeros(shape, dtype=dtype, device=device)
-            if name.endswith("_A"):
-                bound = 1 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix
-                p.uniform_(-bound, bound)
-            elif not init_lora_weights:
-                p.normal_(0, 0.02)
-            getattr(self, name)[adapter_name] = nn.Parameter(p)
-        self.lora_r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
-        self.lora_scaling[adapter_name] = lora_alpha / r
-        if adapter_name not in self._active_adapter:
-            self._active_adapter = list(self.active_adapters) + [adapter_name]
+                     init_lora_weights: bool = True) -> None:
+        """Give every expert LoRA factors of rank r for `adapter_name` (in the biases' dtype and device)."""
+        if self.lora is None:
+            self.lora = ExpertLora(self.num_experts, self.hidden_size, self.intermediate_size)
+        self.lora.update_layer(adapter_name, r, lora_alpha, self.gate_up_proj_bias.dtype,
+                               self.gate_up_proj_bias.device, init_lora_weights)
 
-    def _adapters(self) -> list:
-        if self.disable_adapters:
-            return []
-        return [(self.lora_gate_up_A[n], self.lora_gate_up_B[n], self.lora_down_A[n], self.lora_down_B[n],
-                 self.lora_scaling[n]) for n in self.active_adapters if n in self.lora_gate_up_A]
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise NotImplementedError("LoRA on MXFP4 experts cannot merge into 4-bit weights in place; export the "
-                                  "adapter, or dequantize and merge when saving")
-
-    def unmerge(self) -> None:
-        pass
-
-    def get_base_layer(self) -> nn.Module:
-        return self
+    @property
+    def has_lora(self) -> bool:
+        return self.lora is not None and len(self.lora.lora_gate_up_A) > 0
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor | None = None,
@@ -102,12 +124,12 @@ class Mxfp4Experts(nn.Module, BaseTunerLayer):
         out = moe_experts(x, router_indices, routing_weights,
                           (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
                           (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),
-                          lora=self._adapters(), alpha=self.alpha, limit=self.limit)
+                          lora=self.lora.adapters() if self.lora is not None else None, alpha=self.alpha, limit=self.limit)
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"mxfp4, lora={sorted(self.lora_r)}")
+                f"mxfp4")
 
 
 def mxfp4_expert_modules(model) -> list[tuple[str, Mxfp4Experts]]:
