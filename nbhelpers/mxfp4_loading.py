@@ -58,7 +58,6 @@ def _keep_fp32(model, name: str) -> bool:
 
 def load_gpt_oss_mxfp4(path: str, dtype: torch.dtype, device: torch.device, nf4: bool = False):
     """Build a gpt-oss model whose experts are `Mxfp4Experts` holding the checkpoint's MXFP4 bytes."""
-    from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -70,11 +69,7 @@ def load_gpt_oss_mxfp4(path: str, dtype: torch.dtype, device: torch.device, nf4:
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # our module replaces transformers' MXFP4 integration
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.device("meta"):
-        for layer in model.model.layers:
-            layer.mlp.experts = Mxfp4Experts(config, dtype=dtype)
+    model = build_on_meta(config, dtype)
     if nf4:
         _to_nf4(model, dtype)
 
@@ -102,6 +97,20 @@ def load_gpt_oss_mxfp4(path: str, dtype: torch.dtype, device: torch.device, nf4:
     except OSError:
         pass
     model.eval()
+    return model
+
+
+def build_on_meta(config, dtype: torch.dtype):
+    """gpt-oss with `Mxfp4Experts`, every weight on the meta device (no memory); the RoPE tables, which no
+    checkpoint holds, are computed for real on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for layer in model.model.layers:
+            layer.mlp.experts = Mxfp4Experts(config, dtype=dtype)
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model
 
 

@@ -1,0 +1,309 @@
+"""gpt-oss LoRA SFT step with native MXFP4 routed experts: tokens/s and peak memory at several token counts.
+
+What it measures, in one process:
+  check        (CUDA) the Triton MXFP4 decode is bit-exact with the plain-torch reference over every scale byte
+               in fp16/bf16, and the grouped MXFP4 matmul (forward and input gradient) matches the reference
+  experts      one MoE layer's experts, forward + backward at each token count: our routed MXFP4 experts with LoRA
+               (`Mxfp4Experts`) vs transformers' `GptOssExperts` holding the same weights dequantized to the compute
+               dtype (its eager loop over routed experts); time per call, peak memory, output difference
+  step         one LoRA SFT step (forward + backward + AdamW on LoRA) of the whole model: batch 1 x tokens, random
+               ids as input and labels, LoRA r=16 alpha=32 on attention and every expert (`nbhelpers.add_lora`),
+               non-reentrant gradient checkpointing; tokens/s and peak allocated/reserved memory, or OOM
+
+The model has gpt-oss-20b's shapes (24 layers, 32 experts top-4, hidden 2880, vocab 201,088) with random weights,
+built on the meta device and materialised directly on the GPU: expert blocks are random bytes with scales near
+2^-8, other weights N(0, 0.02), norms 1. No checkpoint is read or written.
+
+  python benchmarks/gpt_oss_step.py --tokens 1024 4096                       # H100: check, experts, step
+  python benchmarks/gpt_oss_step.py --tokens 2048 --memory-fraction t4       # emulate a T4's 14.74 GB
+  python benchmarks/gpt_oss_step.py --quick                                  # tiny shapes on CPU (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import shlex
+import sys
+import time
+
+import torch
+
+MB = 2**20
+T4_USABLE_BYTES = 14.74e9
+
+
+def gpt_oss_config(quick: bool):
+    from transformers import GptOssConfig
+
+    if quick:
+        return GptOssConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                            num_experts_per_tok=2, sliding_window=8, max_position_embeddings=4096,
+                            layer_types=["sliding_attention", "full_attention"])
+    layers = 24  # gpt-oss-20b
+    return GptOssConfig(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
+                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                         "original_max_position_embeddings": 4096})
+
+
+def random_mxfp4_model(config, dtype: torch.dtype, device: torch.device, attn: str):
+    """gpt-oss with `Mxfp4Experts`, random weights, built on meta and materialised on `device`."""
+    from torch import nn
+
+    from nbhelpers.mxfp4_loading import build_on_meta
+
+    config._attn_implementation = attn
+    model = build_on_meta(config, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if "norm" in name.rsplit(".", 1)[-1] or pname == "weight" and "norm" in name:
+                t = torch.ones(p.shape, dtype=p.dtype, device=device)
+            elif pname in ("bias", "sinks") or pname.endswith("_bias"):
+                t = torch.zeros(p.shape, dtype=p.dtype, device=device)
+            else:
+                t = torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0, 0.02, generator=g)
+            module._parameters[pname] = nn.Parameter(t, requires_grad=p.requires_grad)
+        for bname, b in list(module._buffers.items()):
+            if b is None:
+                continue
+            if b.device.type != "meta":
+                module._buffers[bname] = b.to(device)
+            elif bname.endswith("_blocks"):
+                module._buffers[bname] = torch.randint(0, 256, b.shape, dtype=torch.uint8, device=device, generator=g)
+            elif bname.endswith("_scales"):
+                module._buffers[bname] = torch.randint(118, 122, b.shape, dtype=torch.uint8, device=device,
+                                                       generator=g)
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peaks(device):
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device) / MB, torch.cuda.max_memory_reserved(device) / MB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_kernels(device) -> dict:
+    """CUDA: Triton decode bit-exact over every scale byte; grouped matmul fwd/bwd vs the reference."""
+    from nbhelpers.kernels.mxfp4 import dequantize_mxfp4, dequantize_mxfp4_reference
+    from nbhelpers.kernels.mxfp4_matmul import grouped_mxfp4_matmul, grouped_mxfp4_matmul_reference
+
+    out = {}
+    g = torch.Generator(device=device).manual_seed(1)
+    blocks = torch.randint(0, 256, (4, 256, 9, 16), dtype=torch.uint8, device=device, generator=g)
+    scales = (torch.arange(4 * 256 * 9, device=device) % 256).to(torch.uint8).reshape(4, 256, 9)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        a, r = dequantize_mxfp4(blocks, scales, dt), dequantize_mxfp4_reference(blocks, scales, dt)
+        nan = a.isnan()
+        iview = torch.int32 if dt == torch.float32 else torch.int16
+        out[f"dequant_bit_exact_{str(dt)[6:]}"] = bool(torch.equal(nan, r.isnan()) and
+                                                       torch.equal(a.view(iview)[~nan], r.view(iview)[~nan]))
+    E, N, K = 8, 5760 // 4, 2880 // 4
+    b = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=device, generator=g)
+    s = torch.randint(118, 122, (E, N, K // 32), dtype=torch.uint8, device=device, generator=g)
+    bias = torch.randn(E, N, device=device, generator=g) * 0.1
+    counts = [0, 1, 37, 300, 5, 0, 64, 2]
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(sum(counts), K, device=device, dtype=dt, generator=g).requires_grad_()
+        y = grouped_mxfp4_matmul(x, b, s, bias.to(dt), counts)
+        xr = x.detach().float().requires_grad_()
+        yr = grouped_mxfp4_matmul_reference(xr, b, s, bias, counts)
+        dy = torch.randn_like(yr)
+        (dx,) = torch.autograd.grad(y, x, dy.to(dt))
+        (dxr,) = torch.autograd.grad(yr, xr, dy)
+        rel = lambda u, v: ((u.float() - v).abs().max() / v.abs().max()).item()  # noqa: E731
+        out[f"matmul_rel_err_{str(dt)[6:]}"] = {"y": rel(y, yr), "dx": rel(dx, dxr)}
+    return out
+
+
+def bench_experts(config, dtype, device, tokens: int, reps: int) -> dict:
+    """One layer's experts fwd+bwd: Mxfp4Experts (+LoRA r=16) vs GptOssExperts with the same dequantized weights."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from nbhelpers.kernels.mxfp4 import dequantize_mxfp4
+    from nbhelpers.mxfp4_experts import Mxfp4Experts
+
+    E, H, k = config.num_local_experts, config.hidden_size, config.num_experts_per_tok
+    g = torch.Generator(device=device).manual_seed(2)
+    ours = Mxfp4Experts(config, dtype=dtype).to(device)
+    for name in ("gate_up_proj", "down_proj"):
+        blocks = getattr(ours, f"{name}_blocks")
+        blocks.copy_(torch.randint(0, 256, blocks.shape, dtype=torch.uint8, device=device, generator=g))
+        getattr(ours, f"{name}_scales").fill_(120)
+    ours.update_layer("default", 16, 32)
+    res = {"tokens": tokens}
+    x = torch.randn(tokens, H, device=device, dtype=dtype, generator=g) * 0.5
+    logits = torch.randn(tokens, E, device=device, generator=g)
+    top, idx = logits.topk(k, dim=-1)
+    p = top.softmax(-1).to(dtype)
+
+    def run(mod):
+        xi = x.clone().requires_grad_()
+        y = mod(xi, idx, p)
+        y.float().square().mean().backward()
+        return y.detach()
+
+    for name in ("nbhelpers", "transformers"):
+        if name == "transformers":
+            dense = GptOssExperts(config).to(device=device, dtype=dtype)
+            dense.config._experts_implementation = "eager"
+            with torch.no_grad():  # same weights, [E, in, out] as transformers stores them
+                dense.gate_up_proj.copy_(dequantize_mxfp4(ours.gate_up_proj_blocks, ours.gate_up_proj_scales,
+                                                          dtype).transpose(1, 2))
+                dense.down_proj.copy_(dequantize_mxfp4(ours.down_proj_blocks, ours.down_proj_scales,
+                                                       dtype).transpose(1, 2))
+                dense.gate_up_proj_bias.zero_()
+                dense.down_proj_bias.zero_()
+            dense.requires_grad_(False)
+            mod = dense
+        else:
+            mod = ours
+        try:
+            y = run(mod)  # warm-up (Triton compiles here)
+            reset_peak(device)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                y = run(mod)
+            sync(device)
+            ms = (time.perf_counter() - t0) / reps * 1e3
+            alloc, _ = peaks(device)
+            res[name] = {"ms": ms, "peak_allocated_mb": alloc}
+            res[f"y_{name}"] = y
+        except torch.OutOfMemoryError:
+            res[name] = "OOM"
+        if name == "transformers":
+            del dense, mod
+            reset_peak(device)
+    if "y_nbhelpers" in res and "y_transformers" in res:  # LoRA B = 0: the same function
+        a, b = res.pop("y_nbhelpers").float(), res.pop("y_transformers").float()
+        res["max_rel_diff"] = ((a - b).abs().max() / b.abs().max()).item()
+    res.pop("y_nbhelpers", None)
+    res.pop("y_transformers", None)
+    if isinstance(res.get("nbhelpers"), dict) and isinstance(res.get("transformers"), dict):
+        res["speedup"] = res["transformers"]["ms"] / res["nbhelpers"]["ms"]
+    return res
+
+
+def bench_step(model, tokens: int, steps: int, warmup: int, device) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    batch = torch.randint(0, model.config.vocab_size, (1, tokens), device=device,
+                          generator=torch.Generator(device=device).manual_seed(3))
+    reset_peak(device)
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync(device)
+                t0 = time.perf_counter()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = loss.item()
+        sync(device)
+        seconds = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        del opt
+        reset_peak(device)
+        return {"tokens": tokens, "result": "OOM"}
+    alloc, reserved = peaks(device)
+    del opt
+    for p in params:
+        p.grad = None
+    return {"tokens": tokens, "tokens_per_s": tokens * steps / seconds, "step_s": seconds / steps, "loss": loss,
+            "peak_allocated_mb": alloc, "peak_reserved_mb": reserved}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, CPU unless CUDA is there")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1024 4096 16384)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--attn", default="eager", help="attention implementation (eager, sdpa, nbhelpers, ...)")
+    p.add_argument("--memory-fraction", default=None,
+                   help="cap this process's GPU memory: a fraction, or 't4' for 14.74 GB")
+    p.add_argument("--skip", nargs="*", default=[], choices=["check", "experts", "step"])
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+
+    import nbhelpers  # noqa: F401  (registers our kernels with transformers)
+    from nbhelpers.env import pick_device, pick_dtype
+    from nbhelpers.loading import add_lora
+
+    device = pick_device()
+    dtype = pick_dtype(device)
+    tokens = args.tokens or ([32, 96] if args.quick else [1024, 4096, 16384])
+    config = gpt_oss_config(args.quick)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python " + shlex.join(sys.argv), "device": str(device), "dtype": str(dtype),
+              "versions": {"torch": torch.__version__}}
+    import transformers
+    report["versions"]["transformers"] = transformers.__version__
+    try:
+        import triton
+        report["versions"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        if args.memory_fraction:
+            total = torch.cuda.get_device_properties(device).total_memory
+            frac = T4_USABLE_BYTES / total if args.memory_fraction == "t4" else float(args.memory_fraction)
+            torch.cuda.set_per_process_memory_fraction(frac, device)
+            report["memory_cap_gb"] = frac * total / 1e9
+
+    if device.type == "cuda" and "check" not in args.skip:
+        report["check"] = check_kernels(device)
+        print("check:", json.dumps(report["check"]), flush=True)
+    if "experts" not in args.skip:
+        report["experts"] = []
+        for t in tokens:
+            r = bench_experts(config, dtype, device, t, reps=2 if args.quick else 3)
+            report["experts"].append(r)
+            print("experts:", json.dumps(r), flush=True)
+    if "step" not in args.skip:
+        reset_peak(device)
+        model = random_mxfp4_model(config, dtype, device, args.attn)
+        model = add_lora(model, r=16, alpha=32, gradient_checkpointing=True)
+        model.train()
+        weights_mb = peaks(device)[0]
+        report["model"] = {"params_mb_after_load": weights_mb,
+                           "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
+        print("model:", json.dumps(report["model"]), flush=True)
+        report["step"] = []
+        for t in tokens:
+            r = bench_step(model, t, args.steps, args.warmup, device)
+            report["step"].append(r)
+            print("step:", json.dumps(r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
