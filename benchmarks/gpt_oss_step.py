@@ -168,7 +168,8 @@ def bench_experts(config, dtype, device, tokens: int, reps: int) -> dict:
     for name in ("nbhelpers", "transformers"):
         if name == "transformers":
             dense = GptOssExperts(config).to(device=device, dtype=dtype)
-            dense.config._experts_implementation = "eager"
+            if getattr(dense, "config", None) is not None:  # transformers >= 5.2x dispatches experts by config
+                dense.config._experts_implementation = "eager"
             with torch.no_grad():  # same weights, [E, in, out] as transformers stores them
                 dense.gate_up_proj.copy_(dequantize_mxfp4(ours.gate_up_proj_blocks, ours.gate_up_proj_scales,
                                                           dtype).transpose(1, 2))
