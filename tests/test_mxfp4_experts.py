@@ -15,20 +15,22 @@ def _reload():
     return [importlib.reload(importlib.import_module(m)) for m in KERNEL_MODULES]
 
 
-@pytest.fixture(scope="module")
-def interp():
+@pytest.fixture
+def interp(monkeypatch):
     """Kernel modules re-imported with TRITON_INTERPRET=1 (triton picks the interpreter when it decorates)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        mods = _reload()
-        yield dict(zip(("mxfp4", "matmul", "moe"), mods))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield dict(zip(("mxfp4", "matmul", "moe"), _reload()))
+    monkeypatch.delenv("TRITON_INTERPRET")
     _reload()
 
 
-@pytest.fixture(scope="module")
-def cpu_path():
-    mods = _reload()
-    return dict(zip(("mxfp4", "matmul", "moe"), mods))
+@pytest.fixture
+def cpu_path(monkeypatch):
+    """The plain-torch path CPU tensors take when the interpreter is off."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mods = dict(zip(("mxfp4", "matmul", "moe"), _reload()))
+    assert not mods["mxfp4"].use_triton(torch.zeros(1))
+    return mods
 
 
 def _bits(t):
