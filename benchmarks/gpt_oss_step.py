@@ -120,7 +120,7 @@ def check_kernels(device) -> dict:
         iview = torch.int32 if dt == torch.float32 else torch.int16
         out[f"dequant_bit_exact_{str(dt)[6:]}"] = bool(torch.equal(nan, r.isnan()) and
                                                        torch.equal(a.view(iview)[~nan], r.view(iview)[~nan]))
-    E, N, K = 8, 5760 // 4, 2880 // 4
+    E, N, K = 8, 5760 // 4, 2880
     b = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=device, generator=g)
     s = torch.randint(118, 122, (E, N, K // 32), dtype=torch.uint8, device=device, generator=g)
     bias = torch.randn(E, N, device=device, generator=g) * 0.1
