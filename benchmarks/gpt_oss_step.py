@@ -120,6 +120,12 @@ def check_kernels(device) -> dict:
         iview = torch.int32 if dt == torch.float32 else torch.int16
         out[f"dequant_bit_exact_{str(dt)[6:]}"] = bool(torch.equal(nan, r.isnan()) and
                                                        torch.equal(a.view(iview)[~nan], r.view(iview)[~nan]))
+        if not out[f"dequant_bit_exact_{str(dt)[6:]}"]:  # which scale bytes, and how far apart
+            bad = (a.view(iview) != r.view(iview)) & ~(nan & r.isnan())
+            byte = scales[..., None].expand(*scales.shape, 32).reshape(a.shape)
+            out[f"dequant_mismatch_{str(dt)[6:]}"] = {
+                "count": int(bad.sum()), "scale_bytes": sorted(set(byte[bad].tolist()))[:16],
+                "max_ulps": int((a.view(iview).long() - r.view(iview).long())[bad].abs().max())}
     E, N, K = 8, 5760 // 4, 2880
     b = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=device, generator=g)
     s = torch.randint(118, 122, (E, N, K // 32), dtype=torch.uint8, device=device, generator=g)

@@ -10,7 +10,8 @@ low nibble holding the even element:
 
 Every product is exact in fp32 (2 significant bits times a power of two in fp32's range), so computing in fp32 and
 rounding once to the target dtype is bit-exact with transformers' `convert_moe_packed_tensors` (before its final
-transpose), which multiplies by a float32 power of two as well.
+transpose), which applies the scale with `torch.ldexp`. Scale byte 255 (NaN in the OCP spec) is decoded as 2^128
+the way ldexp does it (finite for |x| < 1), to stay bit-exact with transformers over every byte.
 """
 from __future__ import annotations
 
@@ -42,8 +43,14 @@ def dequantize_mxfp4_reference(blocks: torch.Tensor, scales: torch.Tensor,
     _check(blocks, scales)
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     pairs = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1)  # [..., G, 16, 2]
-    scale = torch.exp2(scales.to(torch.float32) - 127.0)[..., None, None]
-    return (pairs * scale).to(dtype).reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+    # 2^(s - 127) built from its bits (fp32 exponent field = s; s = 0 is the subnormal 2^-127): exact on every
+    # device. s = 255 (2^128, past fp32's range) is applied as 2^127 then x2, so that x * 2^128 rounds like
+    # ldexp (finite for |x| < 1), as transformers' decoder does.
+    s = scales.to(torch.int32)
+    scale = torch.where(s == 0, 1 << 22, s.clamp(max=254) << 23).view(torch.float32)[..., None, None]
+    w = pairs * scale
+    w = torch.where((s == 255)[..., None, None], w * 2, w)
+    return w.to(dtype).reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
 
 
 if triton is not None:
@@ -58,9 +65,16 @@ if triton is not None:
 
     @triton.jit
     def _e8m0_to_f32(scale):
-        """E8M0 byte s -> 2^(s - 127) exactly: the fp32 exponent field is s (s = 0 is the subnormal 2^-127)."""
+        """E8M0 byte s -> 2^(s - 127) exactly: the fp32 exponent field is s (s = 0 is the subnormal 2^-127).
+        s = 255 gives 2^127 here; `_apply_e8m0` doubles afterwards, so x * 2^128 rounds as ldexp would."""
         s = scale.to(tl.uint32)
-        return tl.where(s == 0, 1 << 22, s << 23).to(tl.float32, bitcast=True)
+        return tl.where(s == 0, 1 << 22, tl.minimum(s, 254) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _apply_e8m0(v, scale):
+        """v * 2^(scale - 127) for broadcastable v (fp32) and scale (uint8), exact up to fp32 overflow."""
+        v = v * _e8m0_to_f32(scale)
+        return tl.where(scale == 255, v * 2.0, v)
 
     @triton.jit
     def _decode_mxfp4_tile(blocks, scales, offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -73,7 +87,7 @@ if triton is not None:
         s = tl.load(scales + rows[:, None] * (K // 32) + offs_g[None, :],
                     mask=(offs_n[:, None] < N) & (offs_g[None, :] < K // 32), other=127)
         v = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4))  # [BLOCK_N, BLOCK_K/2, 2]: low nibble first
-        v = tl.reshape(v, (BLOCK_N, BLOCK_K // 32, 32)) * _e8m0_to_f32(s)[:, :, None]
+        v = _apply_e8m0(tl.reshape(v, (BLOCK_N, BLOCK_K // 32, 32)), s[:, :, None])
         return tl.reshape(v, (BLOCK_N, BLOCK_K))
 
     @triton.jit
@@ -84,7 +98,7 @@ if triton is not None:
         b = tl.load(Blocks + groups[:, None] * 16 + tl.arange(0, 16)[None, :], mask=ok[:, None], other=0)
         s = tl.load(Scales + groups, mask=ok, other=127)
         v = tl.reshape(tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)), (BLOCK, 32))
-        v = v * _e8m0_to_f32(s)[:, None]
+        v = _apply_e8m0(v, s[:, None])
         tl.store(Out + groups[:, None] * 32 + tl.arange(0, 32)[None, :], v.to(Out.dtype.element_ty), mask=ok[:, None])
 
 DEQUANT_BLOCK = 64  # groups of 32 elements per program
