@@ -138,3 +138,20 @@ def _check_lora_attached(peft_model, experts: bool) -> None:
         hit = {t.split(".mlp.experts")[0] for t in targets if ".mlp.experts" in t}
         if len(hit) != layers:
             raise RuntimeError(f"expert LoRA attached in {len(hit)} of {layers} layers; it must be all of them")
+
+
+def load_lora(model, adapter_dir: str, is_trainable: bool = False):
+    """`PeftModel.from_pretrained` that also restores LoRA on MXFP4 experts (their factors are created first, at
+    the saved rank, so peft's loader finds them); returns the peft model."""
+    from peft import LoraConfig, PeftModel
+
+    from .mxfp4_experts import mxfp4_expert_modules
+
+    config = LoraConfig.from_pretrained(adapter_dir)
+    for _, module in mxfp4_expert_modules(model):
+        module.update_layer("default", config.r, config.lora_alpha)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    for _, module in mxfp4_expert_modules(peft_model):
+        if not is_trainable and module.lora is not None:
+            module.lora.requires_grad_(False)
+    return peft_model

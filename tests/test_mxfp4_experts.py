@@ -215,6 +215,30 @@ def test_add_lora_reaches_every_expert_and_trains(tiny_mxfp4, cpu_path):
         assert _rel(model(ids).logits, base) > 1e-4
 
 
+def test_expert_lora_saves_and_loads(tiny_mxfp4, cpu_path, tmp_path):
+    model, _ = nb.load_model(tiny_mxfp4, quantization="mxfp4", device="cpu", dtype=torch.float32)
+    model = nb.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "_B." in n or "lora_B" in n:
+                p.normal_()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum(".mlp.experts.lora." in k for k in saved) == 4 * model.config.num_hidden_layers
+    assert not any("_blocks" in k or "_scales" in k for k in saved)  # the adapter, never the MXFP4 bytes
+    fresh, _ = nb.load_model(tiny_mxfp4, quantization="mxfp4", device="cpu", dtype=torch.float32)
+    from nbhelpers.loading import load_lora
+
+    with torch.no_grad():
+        got = load_lora(fresh, str(tmp_path))(ids).logits
+    assert torch.equal(got, want)
+
+
 def test_missing_expert_lora_is_an_error(tiny_mxfp4, cpu_path, monkeypatch):
     from nbhelpers.mxfp4_experts import Mxfp4Experts
 
