@@ -37,7 +37,9 @@ def _local_path(path: str) -> str:
         return path
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+    # top-level files only: openai/gpt-oss-* also ship original/ and metal/ copies of the weights
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"],
+                             ignore_patterns=["*/*"])
 
 
 def _to_nf4(model, dtype: torch.dtype) -> None:
