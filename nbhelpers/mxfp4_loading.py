@@ -128,6 +128,10 @@ def _place(model, key: str, tensor: torch.Tensor, dtype: torch.dtype, device: to
         module = model.get_submodule(module_name)
     except AttributeError:
         raise ValueError(f"checkpoint tensor {key!r} matches no module of the gpt-oss model") from None
+    if isinstance(module, Mxfp4Experts) and attr in ("gate_up_proj", "down_proj"):
+        raise ValueError(f"checkpoint tensor {key!r} is a dense expert weight: quantization='mxfp4' needs a "
+                         "checkpoint stored in MXFP4 (e.g. openai/gpt-oss-20b, or tiny:gpt_oss_mxfp4); use "
+                         "quantization=None or 'nf4' for this one")
     old = module._parameters.get(attr, module._buffers.get(attr))
     if old is None and attr not in module._parameters and attr not in module._buffers:
         raise ValueError(f"checkpoint tensor {key!r}: module {module_name!r} has no parameter or buffer {attr!r}")

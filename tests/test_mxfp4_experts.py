@@ -297,9 +297,11 @@ def test_nf4_on_mxfp4_gpt_oss(tiny_mxfp4, cpu_path):
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n and "_B" in n)
 
 
-def test_mxfp4_needs_gpt_oss(tiny_llama):
+def test_mxfp4_needs_an_mxfp4_gpt_oss_checkpoint(tiny_llama, tiny_gpt_oss):
     with pytest.raises(ValueError, match="gpt-oss"):
         nb.load_model(tiny_llama, quantization="mxfp4", device="cpu")
+    with pytest.raises(ValueError, match="dense expert weight"):
+        nb.load_model(tiny_gpt_oss, quantization="mxfp4", device="cpu")
 
 
 # --- AOT builds for the GPUs we target ---------------------------------------------------------------------------
