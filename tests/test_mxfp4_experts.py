@@ -187,6 +187,12 @@ def test_load_mxfp4_matches_transformers_dequantized(tiny_mxfp4, cpu_path):
     with torch.no_grad():
         ours, theirs = model(ids).logits, ref(ids).logits
     assert _rel(ours, theirs) <= 1e-5
+    # decode with a KV cache and left padding: greedy tokens identical, one expert call per layer per step
+    batch = tok(["Sort 3 1 2", "hi"], return_tensors="pt", padding=True, padding_side="left")
+    calls = model.model.layers[0].mlp.experts.calls
+    out = model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(out, ref.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False))
+    assert model.model.layers[0].mlp.experts.calls - calls == 8
 
 
 def test_add_lora_reaches_every_expert_and_trains(tiny_mxfp4, cpu_path):
