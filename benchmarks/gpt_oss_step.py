@@ -233,13 +233,14 @@ def bench_step(model, tokens: int, steps: int, warmup: int, device) -> dict:
         sync(device)
         seconds = time.perf_counter() - t0
     except torch.OutOfMemoryError:
-        del opt
+        loss = None
+    finally:
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+    if loss is None:
         reset_peak(device)
         return {"tokens": tokens, "result": "OOM"}
     alloc, reserved = peaks(device)
-    del opt
-    for p in params:
-        p.grad = None
     return {"tokens": tokens, "tokens_per_s": tokens * steps / seconds, "step_s": seconds / steps, "loss": loss,
             "peak_allocated_mb": alloc, "peak_reserved_mb": reserved}
 
@@ -257,7 +258,7 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
 
-    import nbhelpers  # noqa: F401  (registers our kernels with transformers)
+    import nbhelpers  # noqa: F401  (registers our kernels with transformers)  # pyflakes: ignore
     from nbhelpers.env import pick_device, pick_dtype
     from nbhelpers.loading import add_lora
 

@@ -61,7 +61,7 @@ def _keep_fp32(model, name: str) -> bool:
 def load_gpt_oss_mxfp4(path: str, dtype: torch.dtype, device: torch.device, nf4: bool = False):
     """Build a gpt-oss model whose experts are `Mxfp4Experts` holding the checkpoint's MXFP4 bytes."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     path = _local_path(path)
     config = AutoConfig.from_pretrained(path)
