@@ -16,6 +16,7 @@ computed by our kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
@@ -125,6 +126,7 @@ def use_fused_loss(model, temperature: float = 1.0):
     _check_head(lm)
     original = lm.forward
 
+    @functools.wraps(type(lm).forward)  # keep the signature: `generate` inspects it (e.g. for logits_to_keep)
     def forward(self, *args, labels=None, shift_labels=None, fused_lm_head=False, num_items_in_batch=None,
                 **kwargs):
         if labels is None and shift_labels is None:
@@ -160,4 +162,62 @@ def use_fused_loss(model, temperature: float = 1.0):
 
     lm.forward = types.MethodType(forward, lm)
     lm._nbhelpers_fused_loss = True
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NF4 LoRA linears
+
+def _nf4_lora_ready(layer) -> bool:
+    """Whether our op computes exactly what peft's bnb Linear4bit LoRA forward would for this layer now."""
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(adapters) != 1 or layer.disable_adapters or layer.merged:
+        return False
+    name = adapters[0]
+    qs = getattr(layer.base_layer.weight, "quant_state", None)
+    return (name not in getattr(layer, "lora_variant", {}) and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+            and qs is not None and qs.quant_type == "nf4" and not getattr(qs, "packing_format_for_cpu", False)
+            and not getattr(layer, "use_dora", {}).get(name, False))
+
+
+def use_nf4_lora(model) -> int:
+    """Route peft's bitsandbytes `Linear4bit` LoRA layers through `nf4_lora_linear`; returns how many were routed.
+
+    The forward is replaced on each module instance. A call the op does not cover (several or disabled adapters,
+    merged weights, dropout > 0, DoRA / other variants, extra forward kwargs) falls back to peft's own forward.
+    """
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from .kernels.nf4_lora import nf4_lora_linear
+
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLinear4bit) or getattr(layer, "_nbhelpers_nf4_lora", False):
+            continue
+        original = layer.forward
+
+        def forward(self, x, *args, _original=original, **kwargs):
+            if args or kwargs or not _nf4_lora_ready(self):
+                return _original(x, *args, **kwargs)
+            name = [a for a in self.active_adapters if a in self.lora_A][0]
+            base = self.base_layer
+            dtype = base.compute_dtype or x.dtype
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            y = nf4_lora_linear(x.to(dtype), base.weight.data, base.weight.quant_state,
+                                self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+                                self.scaling[name], bias)
+            return y.to(x.dtype)
+
+        layer.forward = types.MethodType(forward, layer)
+        layer._nbhelpers_nf4_lora = True
+        count += 1
+    return count
+
+
+def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True):
+    """Both of the above where they apply; returns the model."""
+    if nf4_lora:
+        use_nf4_lora(model)
+    if fused_loss:
+        use_fused_loss(model)
     return model
