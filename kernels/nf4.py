@@ -74,12 +74,14 @@ def dequantize_nf4_reference(packed: torch.Tensor, quant_state) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _nf4_dequant_kernel(P, ABSMAX, OUT, n, blocksize, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        k = pid * BLOCK + tl.arange(0, BLOCK)  # element index (int64: large models exceed 2^31 elements)
-        mask = k < n
-        byte = tl.load(P + k // 2, mask=mask, other=0).to(tl.int32)
-        nib = tl.where((k % 2) == 0, byte >> 4, byte & 15)
+    def _nf4_dequant_kernel(P, ABSMAX, OUT, n, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+        # BLOCK is a multiple of BLOCKSIZE (and even): the program's start is int64 (models exceed 2^31 elements),
+        # offsets inside it int32, and the divisions are shifts by constants.
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        local = tl.arange(0, BLOCK)
+        mask = local < n - start
+        byte = tl.load(P + start // 2 + local // 2, mask=mask, other=0).to(tl.int32)
+        nib = tl.where((local % 2) == 0, byte >> 4, byte & 15)
         # NF4 code book as a select chain (no gather from a table in Triton)
         v = tl.where(nib == 0, -1.0, 0.0)
         v = tl.where(nib == 1, -0.6961928009986877, v)
@@ -96,8 +98,8 @@ if triton is not None:
         v = tl.where(nib == 13, 0.5626170039176941, v)
         v = tl.where(nib == 14, 0.7229568362236023, v)
         v = tl.where(nib == 15, 1.0, v)
-        a = tl.load(ABSMAX + k // blocksize, mask=mask, other=0.0)
-        tl.store(OUT + k, (v.to(tl.float32) * a).to(OUT.dtype.element_ty), mask=mask)
+        a = tl.load(ABSMAX + start // BLOCKSIZE + local // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(OUT + start + local, (v.to(tl.float32) * a).to(OUT.dtype.element_ty), mask=mask)
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,7 +116,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
     if out is None:
         out = torch.empty(tuple(quant_state.shape), dtype=quant_state.dtype, device=packed.device)
     n = out.numel()
-    block = 1024
-    _nf4_dequant_kernel[(triton.cdiv(n, block),)](packed.reshape(-1), absmax, out, n, quant_state.blocksize,
-                                                  BLOCK=block)
+    block = max(1024, quant_state.blocksize)  # bitsandbytes' block sizes are powers of two from 32 to 4096
+    _nf4_dequant_kernel[(triton.cdiv(n, block),)](packed.reshape(-1), absmax, out, n,
+                                                  BLOCKSIZE=quant_state.blocksize, BLOCK=block)
     return out

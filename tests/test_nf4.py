@@ -130,9 +130,9 @@ def test_aot_compile():
     from nbhelpers.kernels.aot import SHARED_MEMORY_LIMIT, compile_specs
 
     specs = [{"module": "nbhelpers.kernels.nf4", "kernel": "_nf4_dequant_kernel",
-              "signature": {"P": "*u8", "ABSMAX": "*fp32", "OUT": out, "n": "i64", "blocksize": "i32",
+              "signature": {"P": "*u8", "ABSMAX": "*fp32", "OUT": out, "n": "i64", "BLOCKSIZE": "constexpr",
                             "BLOCK": "constexpr"},
-              "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 1, "cc": cc}
+              "constexprs": {"BLOCKSIZE": 64, "BLOCK": 1024}, "num_warps": 4, "num_stages": 1, "cc": cc}
              for cc, out in ((75, "*fp16"), (80, "*bf16"), (90, "*bf16"))]
     for spec, res in zip(specs, compile_specs(specs)):
         assert "error" not in res, (spec["cc"], res)
