@@ -9,8 +9,8 @@ For token i with hidden state h_i, label y_i and logits z_i = W h_i + b (fp32):
 
 Tokens are processed in chunks of C rows, so at most a C x V block of fp32 logits (and its gradient in the
 weight's dtype) exists at a time; C is chosen from a byte budget (`chunk_bytes`). Per chunk: one matmul for the
-logits, one row kernel (`_ce_rows_kernel`: online logsumexp, loss, and the logit gradient written in place of
-nothing else — two passes over the row), one matmul for dh and, when the head trains, one for dW.
+logits, one row kernel (`_ce_rows_kernel`: online logsumexp, loss, and the logit gradient in the weight's dtype:
+two passes over the row), one matmul for dh and, when the head trains, one for dW.
 
 With reduction "mean" or "sum" the gradient reaching every row is known up to one scalar, so the gradients are
 computed during the forward (as Liger-Kernel does) and only scaled in backward: 3 matmuls in all, like the plain
