@@ -4,6 +4,7 @@ from .data import (eval_rows, format_dataset, load_sft_dataset, make_task_datase
 from .env import adapt_to_device, environment, pick_device, pick_dtype, report_environment
 from .evaluate import exact_match, generate, show_examples, write_jsonl
 from .export import merge_lora, save_adapter, save_merged
+from .fast import speed_up, use_fused_loss, use_nf4_lora
 from .loading import add_lora, load_model, lora_targets
 from .memory import WontFitError, check_memory, estimate
 from .presets import PRESETS, settings

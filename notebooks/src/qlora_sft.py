@@ -119,6 +119,8 @@ print(f"held-out exact match before training: {before['accuracy']:.2f}")
 # %% [markdown]
 # ## Train
 # TRL's `SFTTrainer` with the tokenized rows as they are (`input_ids` + `labels`).
+# `nb.speed_up` routes every NF4 LoRA layer through our kernel (dequantize + base matmul + LoRA in one autograd
+# op) and computes the loss with our fused linear cross-entropy (no batch x length x vocab logits in memory).
 
 # %%
 from trl import SFTConfig, SFTTrainer
@@ -130,6 +132,7 @@ args = SFTConfig(
     fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu",
     save_strategy="no", report_to="none", seed=seed, dataloader_num_workers=0)
 trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+nb.speed_up(trainer.model)  # our NF4 LoRA linears + fused linear cross-entropy (see the note above)
 nb.reset_peak_memory(device)
 with nb.Timer() as timer:
     trainer.train()

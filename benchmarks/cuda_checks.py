@@ -1,0 +1,115 @@
+"""Correctness of the issue-4 kernels on a real GPU (the CPU tests cover the interpreter): prints worst errors.
+
+  fused CE (Triton row kernel + cuBLAS) vs full fp64 logits, fp32 and bf16/fp16 inputs, reductions, big N x V
+  NF4 decode (Triton) vs bitsandbytes' CUDA dequantize_4bit: bit-exact, fp16/bf16/fp32
+  NF4 LoRA linear vs plain autograd on the decoded weight
+
+  python benchmarks/cuda_checks.py
+"""
+from __future__ import annotations
+
+import torch
+
+from nbhelpers.kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy, token_logprobs, \
+    token_logprobs_reference
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def check_ce(dev):
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for reduction in ("mean", "sum", "none"):
+            g = torch.Generator(device="cpu").manual_seed(0)
+            n, h, v = 1037, 256, 50257
+            hid = (torch.randn(n, h, generator=g) * 0.5).to(dev, dtype)
+            w = (torch.randn(v, h, generator=g) * 0.05).to(dev, dtype)
+            b = torch.randn(v, generator=g).to(dev, dtype)
+            y = torch.randint(0, v, (n,), generator=g).to(dev)
+            y[::3] = -100
+            up = torch.randn(n, device=dev) if reduction == "none" else torch.tensor(1.0, device=dev)
+            res = []
+            for fn in (fused_linear_cross_entropy, cross_entropy_reference):
+                leaves = [t.clone().double().requires_grad_(True) if fn is cross_entropy_reference else
+                          t.clone().requires_grad_(True) for t in (hid, w, b)]
+                loss = fn(leaves[0], leaves[1], y, leaves[2], reduction=reduction)
+                loss.backward(up.to(loss.dtype) if reduction == "none" else None)
+                res.append([loss.detach()] + [t.grad for t in leaves])
+            errs = [rel(a, c) for a, c in zip(*res)]
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            ok &= max(errs) <= tol
+            print(f"fused CE {dtype} {reduction}: rel err loss {errs[0]:.2e} dh {errs[1]:.2e} dW {errs[2]:.2e} "
+                  f"db {errs[3]:.2e} (tol {tol})")
+    hid = torch.randn(300, 64, device=dev, requires_grad=True)
+    w = torch.randn(1000, 64, device=dev) * 0.1
+    t = torch.randint(0, 1000, (300,), device=dev)
+    lp = token_logprobs(hid, w, t, temperature=0.8)
+    ref = token_logprobs_reference(hid.double(), w.double(), t, temperature=0.8)
+    print(f"token_logprobs fp32: rel err {rel(lp, ref):.2e}")
+    ok &= rel(lp, ref) <= 1e-5
+    # int64 offsets: 16k x 201,088 fp32 logits in one chunk would overflow int32 element offsets
+    n, v, h = 16384, 201088, 64
+    if torch.cuda.get_device_properties(0).total_memory > 40e9:
+        hid = torch.randn(n, h, device=dev) * 0.3
+        w = torch.randn(v, h, device=dev) * 0.05
+        y = torch.randint(0, v, (n,), device=dev)
+        y[-5:] = v - 1  # labels at the far end of the last rows
+        with torch.no_grad():
+            got = fused_linear_cross_entropy(hid, w, y, reduction="none", chunk_bytes=n * v * 4)
+            ref = torch.cat([cross_entropy_reference(hid[i:i + 1024], w, y[i:i + 1024], reduction="none")
+                             for i in range(0, n, 1024)])
+        print(f"one chunk of {n} x {v} = {n * v / 1e9:.2f}e9 logits (int64 offsets): rel err {rel(got, ref):.2e}")
+        ok &= rel(got, ref) <= 1e-5
+    return ok
+
+
+def check_nf4(dev):
+    import bitsandbytes.functional as BF
+
+    from nbhelpers.kernels.nf4 import dequantize_nf4
+    from nbhelpers.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+
+    ok = True
+    for shape in ((4096, 4096), (37, 70), (14336, 4096), (1000,)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            w = torch.randn(shape, device=dev, dtype=dtype)
+            p, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            want = BF.dequantize_4bit(p, qs).reshape(shape)
+            got = dequantize_nf4(p, qs)
+            same = torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+            ok &= same
+            print(f"NF4 decode {shape} {dtype}: bit-exact {same}")
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        p, qs = BF.quantize_4bit(torch.randn(1030, 515, generator=g).to(dev, dtype), blocksize=64,
+                                 quant_type="nf4", compress_statistics=True)
+        x = torch.randn(3, 77, 515, generator=g).to(dev, dtype)
+        a = (torch.randn(16, 515, generator=g) * 0.1).to(dev, dtype)
+        b = (torch.randn(1030, 16, generator=g) * 0.1).to(dev, dtype)
+        dy = torch.randn(3, 77, 1030, generator=g).to(dev, dtype)
+        res = []
+        for fn in (nf4_lora_linear, nf4_lora_linear_reference):
+            leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+            out = fn(leaves[0], p, qs, leaves[1], leaves[2], 2.0)
+            out.backward(dy)
+            res.append([out.detach()] + [t.grad for t in leaves])
+        errs = [rel(u, r) for u, r in zip(*res)]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        ok &= max(errs) <= tol
+        print(f"NF4 LoRA linear {dtype}: rel err y {errs[0]:.2e} dx {errs[1]:.2e} dA {errs[2]:.2e} dB {errs[3]:.2e}")
+    return ok
+
+
+if __name__ == "__main__":
+    dev = torch.device("cuda")
+    print(torch.cuda.get_device_name(), torch.__version__)
+    ok = check_ce(dev)
+    try:
+        ok &= check_nf4(dev)
+    except ImportError as exc:
+        print(f"NF4 checks need bitsandbytes: {exc}")
+        ok = False
+    print("ALL OK" if ok else "SOME CHECKS FAILED")

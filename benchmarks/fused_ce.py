@@ -1,0 +1,115 @@
+"""Fused linear cross-entropy vs plain logits + F.cross_entropy: time and peak memory, forward + backward.
+
+For N tokens, hidden H, vocab V (gpt-oss: H=2880, V=201,088) in the compute dtype:
+  plain  logits = hidden @ W.T (N x V, compute dtype), F.cross_entropy(logits.float(), labels), backward
+  fused  nbhelpers.kernels.cross_entropy.fused_linear_cross_entropy(hidden, W, labels), backward
+Head frozen (the LoRA case: only d hidden is needed) or trainable (`--trainable-head`: d W too).
+
+Peak memory is reported above what the inputs already hold, next to the "unavoidable outputs": d hidden (N x H)
+plus, with a trainable head, d W (V x H). Time is the median of `--reps` runs after one warm-up.
+
+  python benchmarks/fused_ce.py                 # N = 8192 and 16384, on the GPU
+  python benchmarks/fused_ce.py --quick         # small shapes, runs on CPU in seconds
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nbhelpers.kernels.cross_entropy import fused_linear_cross_entropy
+
+MB = 2**20
+
+
+def plain(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.t()).float(), labels)
+
+
+def fused(hidden, weight, labels):
+    return fused_linear_cross_entropy(hidden, weight, labels)
+
+
+def measure(fn, n, h, v, dtype, device, trainable, reps):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(n, h, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * 0.02).to(device, dtype).requires_grad_(trainable)
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    labels[::5] = -100
+    cuda = device.type == "cuda"
+    times, loss = [], None
+    for i in range(reps + 1):
+        hidden.grad = weight.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        loss = fn(hidden, weight, labels)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / MB if cuda else None
+    outputs = (hidden.numel() + (weight.numel() if trainable else 0)) * hidden.element_size() / MB
+    result = {"seconds": statistics.median(times), "peak_extra_mb": peak, "unavoidable_mb": outputs,
+              "loss": loss.item(), "grad_hidden_norm": hidden.grad.float().norm().item()}
+    del hidden, weight, labels, loss
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU-friendly)")
+    p.add_argument("--tokens", type=int, nargs="*", default=[8192, 16384])
+    p.add_argument("--hidden", type=int, default=2880)
+    p.add_argument("--vocab", type=int, default=201088)
+    p.add_argument("--trainable-head", action="store_true")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        args.tokens, args.hidden, args.vocab, args.reps = [256, 512], 64, 5003, 1
+    dtype = torch.float32 if device.type == "cpu" else (
+        torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
+    rows = []
+    for n in args.tokens:
+        for name, fn in (("plain", plain), ("fused", fused)):
+            r = measure(fn, n, args.hidden, args.vocab, dtype, device, args.trainable_head, args.reps)
+            rows.append({"tokens": n, "path": name, **r})
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (CPU)"
+    print(f"\n## fused_ce: H={args.hidden}, V={args.vocab}, {dtype}, head "
+          f"{'trainable' if args.trainable_head else 'frozen'}, median of {args.reps}")
+    print(f"GPU: {gpu}; torch {torch.__version__}; "
+          f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    print(f"command: {shlex.join([sys.executable] + sys.argv)}\n")
+    print("| tokens | path | ms (fwd+bwd) | peak extra MB | unavoidable MB | peak/unavoidable | loss |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["peak_extra_mb"] / r["unavoidable_mb"] if r["peak_extra_mb"] is not None else None
+        pk = f"{r['peak_extra_mb']:.0f}" if r["peak_extra_mb"] is not None else "n/a"
+        print(f"| {r['tokens']} | {r['path']} | {r['seconds'] * 1e3:.1f} | {pk} | {r['unavoidable_mb']:.0f} | "
+              f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {r['loss']:.5f} |")
+    for n in args.tokens:
+        pl, fu = [r for r in rows if r["tokens"] == n]
+        print(f"N={n}: fused/plain time x{fu['seconds'] / pl['seconds']:.2f}, loss diff "
+              f"{abs(fu['loss'] - pl['loss']):.2e}, grad-norm diff {abs(fu['grad_hidden_norm'] / pl['grad_hidden_norm'] - 1):.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

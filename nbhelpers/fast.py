@@ -1,0 +1,223 @@
+"""Plug our kernels into a transformers / peft model: fused linear cross-entropy for the loss, NF4 LoRA linears.
+
+`use_fused_loss(model)` wraps the CausalLM's `forward` on the instance (peft models: the base model inside, which
+peft calls). While a call carries `labels`, the LM head's forward is swapped for one that only records the hidden
+states it receives, and the model's `loss_function` (transformers' extension point) computes the loss from them
+with `fused_linear_cross_entropy`: transformers' shift, `shift_labels`, `ignore_index`, `num_items_in_batch` (sum
+divided by it) and `logits_to_keep` (the kept positions score the last labels) behave as in `ForCausalLMLoss`, and
+the class's own code still adds gpt-oss's router aux loss. The output's `logits` is None then. Calls without labels
+(generation) are untouched.
+
+TRL 1.16's trainers call `model(..., fused_lm_head=True)` after patching the model with their own chunked LM head
+(`trl.trainer.utils.add_fused_lm_head`). Applied after the trainer is built (`use_fused_loss(trainer.model)`), our
+wrapper answers those calls too, with the same fields (loss, log_probs, entropy, is_top1, label_mask, aux_loss),
+computed by our kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+from .kernels.cross_entropy import fused_linear_cross_entropy, token_logprobs, token_stats
+
+_SUPPORTED = ("llama", "qwen2", "qwen3", "gpt_oss", "mistral")
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_head(model):
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+        raise TypeError(f"fused loss needs a plain nn.Linear LM head, found {type(head).__name__} "
+                        "(an adapter or quantized layer on lm_head is not supported)")
+    cfg = model.config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, name, None) not in (None, 1.0):
+            raise ValueError(f"fused loss does not apply {name}={getattr(cfg, name)} of {cfg.model_type}")
+    return head
+
+
+@contextlib.contextmanager
+def _capture_head(model, store: dict):
+    head = _check_head(model)
+
+    def record(self, hidden):
+        store["hidden"] = hidden
+        return hidden.new_empty(*hidden.shape[:-1], 0)  # placeholder logits: nothing downstream reads them
+
+    head.forward = types.MethodType(record, head)
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _shifted(labels, shift_labels, ignore_index):
+    if shift_labels is not None:
+        return shift_labels
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _fused_loss_fn(store: dict, head):
+    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                      **_):
+        hidden = store["hidden"]
+        labels = _shifted(labels, shift_labels, ignore_index).to(hidden.device)
+        labels = labels[..., labels.shape[-1] - hidden.shape[-2]:]  # logits_to_keep: the kept (last) positions
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        mask = labels != ignore_index
+        h = hidden[mask]  # score only positions with a label
+        if num_items_in_batch is None:
+            loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "mean")
+            return loss if h.shape[0] else hidden.sum() * float("nan")  # F.cross_entropy's nan, kept differentiable
+        loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+    return loss_function
+
+
+def _trl_output(model, store, out, labels, shift_labels, num_items_in_batch, temperature):
+    """The fields of TRL's FusedCausalLMOutput, from the recorded hidden states."""
+    head = model.get_output_embeddings()
+    hidden = store["hidden"]
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    labels = labels.to(hidden.device)
+    mask = labels != -100
+    h, y = hidden[mask], labels[mask]
+    bias = head.bias
+    if temperature != 1.0:
+        h, bias = h / temperature, (bias / temperature if bias is not None else None)
+    lp = token_logprobs(h, head.weight, y, bias)
+    ent, top1 = token_stats(h.detach(), head.weight.detach(), y, bias.detach() if bias is not None else None)
+    log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+    entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+    is_top1 = top1.new_zeros(mask.shape).masked_scatter(mask, top1)
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / denom
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        loss = loss + getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput as Output
+    except ImportError:
+        from transformers.utils import ModelOutput as Output
+        return Output(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask, aux_loss=aux)
+    return Output(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask, aux_loss=aux)
+
+
+def use_fused_loss(model, temperature: float = 1.0):
+    """Make `model` (a CausalLM or a peft model around one) compute its loss with the fused linear cross-entropy.
+
+    Returns the model. Idempotent. `temperature` applies to TRL's `fused_lm_head=True` calls only (TRL's own
+    `add_fused_lm_head` takes it the same way; the plain `labels=` loss is always at temperature 1).
+    """
+    lm = _causal_lm(model)
+    if getattr(lm, "_nbhelpers_fused_loss", False):
+        return model
+    _check_head(lm)
+    original = lm.forward
+
+    @functools.wraps(type(lm).forward)  # keep the signature: `generate` inspects it (e.g. for logits_to_keep)
+    def forward(self, *args, labels=None, shift_labels=None, fused_lm_head=False, num_items_in_batch=None,
+                **kwargs):
+        if labels is None and shift_labels is None:
+            if fused_lm_head:
+                raise ValueError("fused_lm_head=True needs labels")
+            return original(*args, **kwargs)
+        store: dict = {}
+        if fused_lm_head:
+            kwargs["use_cache"] = False
+            if getattr(self.config.get_text_config(), "output_router_logits", False):
+                kwargs.setdefault("output_router_logits", True)
+            kwargs.pop("logits_to_keep", None)
+            with _capture_head(self, store):
+                out = original(*args, **kwargs)
+            return _trl_output(self, store, out, labels, shift_labels, num_items_in_batch, temperature)
+        if shift_labels is not None:
+            kwargs["shift_labels"] = shift_labels
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        with _capture_head(self, store) as head:
+            had = "_loss_function" in self.__dict__
+            previous = self.__dict__.get("_loss_function")
+            self.loss_function = _fused_loss_fn(store, head)
+            try:
+                out = original(*args, labels=labels if labels is not None else shift_labels, **kwargs)
+            finally:
+                if had:
+                    self._loss_function = previous
+                else:
+                    del self._loss_function
+        out.logits = None
+        return out
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._nbhelpers_fused_loss = True
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NF4 LoRA linears
+
+def _nf4_lora_ready(layer) -> bool:
+    """Whether our op computes exactly what peft's bnb Linear4bit LoRA forward would for this layer now."""
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(adapters) != 1 or layer.disable_adapters or layer.merged:
+        return False
+    name = adapters[0]
+    qs = getattr(layer.base_layer.weight, "quant_state", None)
+    return (name not in getattr(layer, "lora_variant", {}) and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+            and qs is not None and qs.quant_type == "nf4" and not getattr(qs, "packing_format_for_cpu", False)
+            and not getattr(layer, "use_dora", {}).get(name, False))
+
+
+def use_nf4_lora(model) -> int:
+    """Route peft's bitsandbytes `Linear4bit` LoRA layers through `nf4_lora_linear`; returns how many were routed.
+
+    The forward is replaced on each module instance. A call the op does not cover (several or disabled adapters,
+    merged weights, dropout > 0, DoRA / other variants, extra forward kwargs) falls back to peft's own forward.
+    """
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from .kernels.nf4_lora import nf4_lora_linear
+
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLinear4bit) or getattr(layer, "_nbhelpers_nf4_lora", False):
+            continue
+        original = layer.forward
+
+        def forward(self, x, *args, _original=original, **kwargs):
+            if args or kwargs or not _nf4_lora_ready(self):
+                return _original(x, *args, **kwargs)
+            name = [a for a in self.active_adapters if a in self.lora_A][0]
+            base = self.base_layer
+            dtype = base.compute_dtype or x.dtype
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            y = nf4_lora_linear(x.to(dtype), base.weight.data, base.weight.quant_state,
+                                self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+                                self.scaling[name], bias)
+            return y.to(x.dtype)
+
+        layer.forward = types.MethodType(forward, layer)
+        layer._nbhelpers_nf4_lora = True
+        count += 1
+    return count
+
+
+def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True):
+    """Both of the above where they apply; returns the model."""
+    if nf4_lora:
+        use_nf4_lora(model)
+    if fused_loss:
+        use_fused_loss(model)
+    return model
