@@ -260,7 +260,11 @@ def _child_main(result_fd: int) -> None:  # noqa: C901 - one straight line of se
         if event == "exec" and state and args and args[0] is state[0]:
             state.clear()
             return
-        detail = args[1] if event.startswith("object.") and len_(args) > 1 else ""
+        detail = ""
+        if event.startswith("object.") and len_(args) > 1:
+            detail = args[1]
+        elif args and type_(args[0]) is str_type:
+            detail = args[0][:80]
         what = f"{event} {detail}".strip()
         violation(what)
         raise Refused(f"{what} is not allowed in the sandbox")

@@ -171,7 +171,8 @@ def _kill_group(proc) -> None:
 def _parse(data: bytes, token: str, result: SandboxResult):
     done, module_error, calls_seen = False, None, 0
     prefix = token + " "
-    for line in data.decode("utf-8", "replace").splitlines():
+    lines = data.decode("utf-8", "replace").split("\n")
+    for line in lines[:-1]:  # the last piece is "" or a line cut short by a kill: not a message
         if not line.startswith(prefix):
             result.violations.append("forged or garbled message on the result channel")
             continue
