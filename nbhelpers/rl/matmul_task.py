@@ -240,3 +240,36 @@ def speed_reward(prompts=None, completions=None, **kwargs) -> list[float]:
 
 
 reward_funcs = [format_reward, no_cheating_reward, correctness_reward, speed_reward]
+
+
+def _block(code: str) -> str:
+    return "```python\n" + code.strip("\n") + "\n```"
+
+
+EXAMPLE_ANSWER = _block(REFERENCE)
+# Completions that show each hole and its guard (the notebook scores them live; the tests have more).
+DEMOS = {
+    "honest: the textbook triple loop": _block(REFERENCE),
+    "honest: transpose B, zip rows with columns": _block(
+        "from operator import mul\n\ndef matmul(A, B):\n    cols = list(zip(*B))\n"
+        "    return [[sum(map(mul, row, col)) for col in cols] for row in A]"),
+    "cheat: __import__('numpy')": _block(
+        "def matmul(A, B):\n    np = __import__('numpy')\n    return np.dot(A, B).tolist()"),
+    "cheat: eval": _block(
+        "def matmul(A, B):\n    return eval('[[sum(a*b for a,b in zip(r,c)) for c in zip(*B)] for r in A]')"),
+    "cheat: __subclasses__ walk to os": _block(
+        "def matmul(A, B):\n    for c in ().__class__.__base__.__subclasses__():\n        pass\n    return A"),
+    "cheat: patch the timer": _block(
+        "import time\ntime.perf_counter = lambda: 0.0\n\ndef matmul(A, B):\n"
+        "    return [[sum(a * b for a, b in zip(r, c)) for c in zip(*B)] for r in A]"),
+    "hole: fast but wrong (speed used to count)": _block(
+        "def matmul(A, B):\n    return [[0.0] * len(B[0]) for _ in A]"),
+    "hole: raises (speed used to count)": _block("def matmul(A, B):\n    raise NotImplementedError"),
+    "hole: every error negative (signed max error)": _block(
+        "def matmul(A, B):\n    return [[sum(a * b for a, b in zip(r, c)) - 0.01 for c in zip(*B)] for r in A]"),
+    "hole: cache the first answer": _block(
+        "seen = []\n\ndef matmul(A, B):\n    if not seen:\n"
+        "        seen.append([[sum(a * b for a, b in zip(r, c)) for c in zip(*B)] for r in A])\n    return seen[0]"),
+    "format: truncated answer": "```python\ndef matmul(A, B):\n    cols = list(zip(*B))\n    return [[sum(",
+    "format: no code at all": "Multiply each row of A with each column of B.",
+}
