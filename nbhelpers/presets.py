@@ -26,7 +26,7 @@ PRESETS = {
             gradient_checkpointing=True, compile_rollouts=True, logging_steps=1, n_samples=2),
         "tiny": dict(
             model_name="tiny:gpt_oss", quantization=None, attn_implementation="eager", task="digits",
-            n_prompts=400, max_steps=30, num_generations=8, batch_size=8, grad_accum=1, learning_rate=2e-2,
+            n_prompts=400, max_steps=40, num_generations=8, batch_size=8, grad_accum=1, learning_rate=2e-2,
             lora_r=16, lora_alpha=32, max_completion_length=16, temperature=1.0, reasoning_effort="low",
             gradient_checkpointing=False, compile_rollouts=False, logging_steps=1, n_samples=8),
     },

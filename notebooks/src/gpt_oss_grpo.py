@@ -29,7 +29,7 @@
 # %% tags=["parameters"]
 preset = "full"  # "full": gpt-oss-20b on a GPU; "tiny": tiny local gpt-oss + toy reward, CPU-friendly
 model_name = None  # full: "openai/gpt-oss-20b"; tiny: "tiny:gpt_oss"
-max_steps = None  # full: 100; tiny: 30
+max_steps = None  # full: 100; tiny: 40
 num_generations = None  # completions per prompt (the GRPO group); full: 4, tiny: 8
 max_completion_length = None  # full: 768; tiny: 16
 reasoning_effort = None  # gpt-oss chat template: "low" | "medium" | "high"
