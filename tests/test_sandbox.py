@@ -302,3 +302,11 @@ def test_static_check_flags(code):
     assert static_check(code)
     result = run(code, limits=Limits(wall_s=3))  # the child runs the same check before executing anything
     assert result.status == "violation"
+
+
+def test_accept_stops_the_child_at_the_first_rejected_call():
+    code = "def f(x):\n    if x == 2:\n        while True:\n            pass\n    return x * 10\n"
+    seen = []
+    result = run(code, [0], [1], [2], accept=lambda i, out, err: seen.append(i) or out != 10)
+    assert result.status == "rejected" and result.rejected == 1 and seen == [0, 1]
+    assert result.outputs[:2] == [0, 10] and result.wall_s < RUNTIME_ONLY.wall_s  # call 2 (endless) never ran out

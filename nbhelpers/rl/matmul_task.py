@@ -171,10 +171,20 @@ def score(text: str, seed: int | None = None, limits: Limits = LIMITS) -> dict:
     if cheats:
         return _parts(0.0, CHEAT, reason="cheating: " + "; ".join(cheats[:3]), caught="statically")
     calls = make_calls(seed)
-    result = run_code(code, ENTRY, calls, limits, reference=REFERENCE)
+
+    def accept(i, output, error):  # stop the child at the first failed call: the answer is wrong already
+        return error is None and check_product(*calls[i], output)[0]
+
+    result = run_code(code, ENTRY, calls, limits, reference=REFERENCE, accept=accept)
     details = {"sandbox": result.status, "wall_s": result.wall_s}
     if result.status == "violation":
         return _parts(0.0, CHEAT, reason="cheating: " + result.reason, caught="at run time", **details)
+    if result.status == "rejected":
+        i = result.rejected
+        A, B = calls[i]
+        n, k, m = len(A), len(B), len(B[0])
+        why = result.errors[i] or check_product(A, B, result.outputs[i])[2]
+        return _parts(FORMAT_OK, CLEAN, WRONG, reason=f"wrong on call {i} ({n}x{k} @ {k}x{m}): {why}", **details)
     if result.status != "ok":
         return _parts(FORMAT_OK, CLEAN, WRONG, reason=f"{result.status}: {result.reason}", **details)
     worst = 0.0

@@ -1,7 +1,7 @@
 """Run untrusted Python in a separate, locked-down process and get plain data back.
 
     result = run_code(code, "matmul", [[A, B], [A2, B2]], Limits(wall_s=5))
-    result.status     # "ok" | "error" | "violation" | "timeout" | "crash" | "output_limit"
+    result.status     # "ok" | "error" | "violation" | "timeout" | "crash" | "output_limit" | "rejected"
     result.outputs    # one JSON value per call (None where the call failed)
 
 The child is a fresh interpreter (`python -I -S`: no site-packages, no environment, no user site) in its own
@@ -46,13 +46,14 @@ class Limits:
 
 @dataclass
 class SandboxResult:
-    status: str
+    status: str  # "ok" | "error" | "violation" | "timeout" | "crash" | "output_limit" | "rejected"
     reason: str = ""
     outputs: list = field(default_factory=list)
     errors: list = field(default_factory=list)  # per call: None or "ExceptionType: message"
     seconds: list = field(default_factory=list)  # per call, the candidate's time by the child's trusted clock
     reference_seconds: list = field(default_factory=list)  # per call, the reference's, when one was given
     violations: list = field(default_factory=list)
+    rejected: int | None = None  # the call `accept` turned down
     wall_s: float = 0.0  # measured here, start-up included
     returncode: int | None = None
     stdout: str = ""
@@ -64,11 +65,13 @@ class SandboxResult:
 
 
 def run_code(code: str, entry: str, args_list: list, limits: Limits | None = None,
-             reference: str | None = None) -> SandboxResult:
+             reference: str | None = None, accept=None) -> SandboxResult:
     """Run `code`, then call its function `entry(*args)` for each `args` in `args_list` (JSON-able values).
 
     reference: trusted source defining the same `entry`; if given, it runs on the same arguments in the same
     child, alternating order with the candidate, and its times come back in `reference_seconds`.
+    accept: `accept(i, output, error) -> bool`, called here as each call's result arrives; False stops the child
+    at once (status "rejected"), so a wrong answer does not pay for the remaining calls.
     """
     limits = limits or Limits()
     if not isinstance(code, str):
@@ -90,8 +93,9 @@ def run_code(code: str, entry: str, args_list: list, limits: Limits | None = Non
                 start_new_session=True)
         finally:
             os.close(write_fd)
+        watch = _watcher(token, accept) if accept is not None else None
         streams, timed_out, too_big = _collect(proc, read_fd, start + limits.wall_s + STARTUP_GRACE_S,
-                                               limits.output_bytes)
+                                               limits.output_bytes, watch)
         _kill_group(proc)
         returncode = proc.wait()
     result = SandboxResult(status="ok", returncode=returncode, wall_s=time.perf_counter() - start,
@@ -102,6 +106,9 @@ def run_code(code: str, entry: str, args_list: list, limits: Limits | None = Non
     done, module_error, calls_seen = _parse(streams["result"], token, result)
     if result.violations:
         result.status, result.reason = "violation", "; ".join(result.violations[:5])
+    elif watch is not None and watch.rejected is not None:
+        i = result.rejected = watch.rejected
+        result.status, result.reason = "rejected", f"call {i} rejected: {result.errors[i] or 'wrong output'}"
     elif too_big:
         result.status, result.reason = "output_limit", f"output over {limits.output_bytes} bytes"
     elif timed_out:
@@ -117,17 +124,41 @@ def run_code(code: str, entry: str, args_list: list, limits: Limits | None = Non
     return result
 
 
-def _collect(proc, read_fd: int, deadline: float, max_bytes: int):
-    """Read the result pipe, stdout and stderr until all close or the deadline passes."""
+class _watcher:
+    """Feeds each complete result line to `accept`; remembers the first call it rejected."""
+
+    def __init__(self, token: str, accept):
+        self.prefix, self.accept, self.done, self.rejected = token + " ", accept, 0, None
+
+    def __call__(self, buf: bytearray) -> bool:
+        end = buf.rfind(b"\n")
+        if end < self.done:
+            return True
+        for line in bytes(buf[self.done:end]).decode("utf-8", "replace").split("\n"):
+            if not line.startswith(self.prefix):
+                continue
+            try:
+                msg = json.loads(line[len(self.prefix):])
+            except ValueError:
+                continue
+            if msg.get("kind") == "call" and not self.accept(msg["i"], msg.get("output"), msg.get("error")):
+                self.rejected = msg["i"]
+                return False
+        self.done = end + 1
+        return True
+
+
+def _collect(proc, read_fd: int, deadline: float, max_bytes: int, watch=None):
+    """Read the result pipe, stdout and stderr until all close, the deadline passes or `watch` says stop."""
     streams = {"result": bytearray(), "stdout": bytearray(), "stderr": bytearray()}
     sel = selectors.DefaultSelector()
     result_file = os.fdopen(read_fd, "rb", buffering=0)
     sel.register(result_file, selectors.EVENT_READ, "result")
     sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
     sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    timed_out = too_big = False
+    timed_out = too_big = stopped = False
     try:
-        while sel.get_map():
+        while sel.get_map() and not stopped:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 timed_out = True
@@ -142,11 +173,13 @@ def _collect(proc, read_fd: int, deadline: float, max_bytes: int):
                     buf += chunk
                     if len(buf) > max_bytes:
                         too_big = True
+                    elif watch is not None and not watch(buf):
+                        stopped = True
                 elif len(buf) < 65536:
                     buf += chunk[:65536 - len(buf)]
             if too_big:
                 break
-        if not timed_out and not too_big:
+        if not timed_out and not too_big and not stopped:
             # every pipe closed: the child is exiting; give it until the deadline to do so
             try:
                 proc.wait(timeout=max(deadline - time.perf_counter(), 0.01))
