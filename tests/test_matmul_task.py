@@ -35,6 +35,28 @@ def matmul(A, B):
     return [[sum(a * b for a, b in zip(row, col)) for col in cols] for row in A]
 '''
 
+HONEST_WITH_EXTRAS = '''
+import math
+from typing import List
+
+
+class Matrix:
+    def __init__(self, rows: List[List[float]]):
+        self._rows = rows
+
+    def __repr__(self):
+        return f"Matrix({len(self._rows)} rows)"
+
+
+def matmul(A, B):
+    cols = list(zip(*B))
+    return Matrix([[math.fsum(a * b for a, b in zip(row, col)) for col in cols] for row in A])._rows
+
+
+if __name__ == "__main__":
+    print(matmul([[1.0, 2.0]], [[3.0], [4.0]]))
+'''
+
 CHEATS = {
     "__import__ numpy": 'def matmul(A, B):\n    np = __import__("numpy")\n    return np.dot(A, B).tolist()',
     "import numpy": "import numpy as np\ndef matmul(A, B):\n    return (np.array(A) @ np.array(B)).tolist()",
@@ -104,6 +126,11 @@ def test_honest_answers_are_correct_and_the_faster_one_scores_higher(honest):
     assert fast["total"] > slow["total"]
 
 
+def test_honest_code_with_a_class_and_a_main_block_is_not_cheating(honest):
+    s = mt.score(block(HONEST_WITH_EXTRAS))
+    assert s["no_cheating"] == mt.CLEAN and s["correctness"] == mt.CORRECT, s
+
+
 @pytest.mark.parametrize("name", CHEATS)
 def test_every_cheat_scores_below_every_honest_answer(name, honest):
     s = mt.score(block(CHEATS[name]))
@@ -171,5 +198,5 @@ def test_reward_funcs_take_trl_arguments_plain_and_conversational():
 
 def test_prompt_states_the_rules():
     assert "def matmul(A, B):" in mt.PROMPT and "```python" in mt.PROMPT
-    for word in ("numpy", "eval", "cheating", "timed"):
+    for word in ("numpy", "eval", "getattr", "cheating", "timed"):
         assert word in mt.PROMPT

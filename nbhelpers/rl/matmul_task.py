@@ -13,7 +13,8 @@ and the logged `reward` is `total`.
 
 The holes this closes (each has a test in tests/test_matmul_task.py and a live demonstration in the notebook):
 - `__import__("numpy")`, `eval`, `exec`, `getattr(x, "__cl" + "ass__")`: the static check flags every double
-  underscore, banned name and import outside `SAFE_MODULES`; at run time the child has no such builtins, only
+  underscore (but `__name__` and dunder methods of the code's own classes), banned name and import outside
+  `SAFE_MODULES`; at run time the child has no such builtins, only
   copies of the allowed modules, and an audit hook that refuses and reports every audited operation.
 - speed scored for wrong or failing code: speed counts only when every call, the timed ones included, is right.
 - signed error: the error is `max |C - C_ref|` against a float64 reference computed here, never in the child.
@@ -43,8 +44,8 @@ Define `def matmul(A, B):`. A is an n x k matrix and B a k x m matrix, each a li
 matrices are rarely square). Return the n x m product A·B as a list of lists of floats.
 
 Rules: plain Python only. You may import {", ".join(MODULES)} and nothing else: no numpy or other packages, no
-eval, exec or compile, no double-underscore names, no file, network, process or timer access. Breaking a rule
-counts as cheating and scores lowest.
+eval, exec, compile or getattr, no double-underscore attributes such as `x.__class__`, no file, network, process
+or timer access. Breaking a rule counts as cheating and scores lowest.
 
 Your function is checked on fresh random matrices and timed against a simple triple loop: it must be exactly
 right (up to float rounding), and the faster it is, the higher it scores.
