@@ -79,3 +79,20 @@ def test_fast_rollouts_generate_the_same_tokens_as_eager(tiny, lora):
     finally:
         if lora:
             model.unload()
+
+
+def test_speed_up_trainer_sets_the_static_cache_on_trls_generation(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from nbhelpers.rl.rollout import speed_up_trainer
+    from nbhelpers.rl.toy_task import digits_reward
+
+    model, tok, prompts = tiny
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                      max_completion_length=4, use_cpu=True, report_to="none", save_strategy="no")
+    trainer = GRPOTrainer(model=model, reward_funcs=[digits_reward], args=args, processing_class=tok,
+                          train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * 4))
+    assert speed_up_trainer(trainer, compile=False) == {"cache_implementation": "static"}
+    assert trainer.generation_config.cache_implementation == "static" and trainer.generation_config.disable_compile
+    assert trainer.generation_kwargs["cache_implementation"] == "static"

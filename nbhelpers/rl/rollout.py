@@ -66,12 +66,13 @@ def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
     settings = rollout_settings(device, compile=compile)
     if "compile_config" in settings and not _compile_works(model, trainer.processing_class, settings):
         settings = rollout_settings(device, compile=False)
-    for config in (trainer.generation_config,):
-        config.cache_implementation = settings.get("cache_implementation")
-        config.disable_compile = "compile_config" not in settings
-        if "compile_config" in settings:
-            config.compile_config = settings["compile_config"]
-    trainer.generation_kwargs.update(cache_implementation=settings.get("cache_implementation"))
+    config = trainer.generation_config
+    config.cache_implementation = settings.get("cache_implementation")
+    config.disable_compile = "compile_config" not in settings
+    if "compile_config" in settings:
+        config.compile_config = settings["compile_config"]
+    if isinstance(getattr(trainer, "generation_kwargs", None), dict):  # TRL re-applies these at each generation
+        trainer.generation_kwargs["cache_implementation"] = settings.get("cache_implementation")
     return settings
 
 
