@@ -93,3 +93,48 @@ def test_qlora_sft_tiny_learns(runs_root, tiny_llama):
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["accuracy_merged"] - accuracy) <= 0.02
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
+
+
+def digits_share(model_dir: Path, prompt: str, n: int = 32, max_new_tokens: int = 16) -> tuple[float, float]:
+    """Plain transformers: (greedy, mean over n sampled) share of digit characters in the completions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+    def share(rows):
+        texts = tok.batch_decode(rows[:, ids.shape[1]:], skip_special_tokens=True)
+        return sum(sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts) / len(texts)
+
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        sampled = model.generate(ids.repeat(n, 1), max_new_tokens=max_new_tokens, do_sample=True, top_k=0,
+                                 top_p=1.0, pad_token_id=tok.pad_token_id)
+    return share(greedy), share(sampled)
+
+
+def test_gpt_oss_grpo_tiny_reward_rises(runs_root, tiny_gpt_oss):
+    """Acceptance: the GRPO reward over the last steps clearly exceeds the first steps', and the merged model,
+    loaded with plain transformers, writes clearly more digits (the toy reward) than the untrained model."""
+    out = run_tiny(ROOT / "notebooks" / "gpt_oss_grpo.ipynb", runs_root)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"GRPO reward: first steps {metrics['reward_first']:.3f}, last steps {metrics['reward_last']:.3f}; "
+          f"per step {[round(r, 2) for r in metrics['rewards']]}", file=sys.stderr)
+    assert metrics["reward_last"] > 2 * metrics["reward_first"]
+    assert metrics["reward_last"] > metrics["reward_first"] + 0.05
+    assert metrics["matmul_after"] <= -1  # the matmul scorer ran on the tiny model's (code-less) completions
+    assert (out / "reward.png").exists()
+    prompt = json.loads((out / "eval.jsonl").read_text().splitlines()[0])["prompt"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base_greedy, base_sampled = digits_share(Path(tiny_gpt_oss), prompt)
+        greedy, sampled = digits_share(out / "merged", prompt)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"digit share, base -> merged: greedy {base_greedy:.2f} -> {greedy:.2f}, "
+          f"sampled {base_sampled:.2f} -> {sampled:.2f}", file=sys.stderr)
+    assert sampled > base_sampled + 0.05
+    assert greedy > base_greedy

@@ -1,0 +1,96 @@
+"""Fast rollouts: how GRPO's sampling calls `model.generate`.
+
+GRPO spends most of a step generating `num_generations` completions per prompt, token by token. What helps:
+- a static KV cache (`cache_implementation="static"`): allocated once at its final size, so decoding does not
+  grow tensors step by step, and every decode step has the same shapes;
+- with fixed shapes, on CUDA, transformers compiles the decode step (`torch.compile`, mode "reduce-overhead":
+  CUDA graphs), which removes the per-kernel launch cost that dominates small-batch decoding. TRL switches that
+  off (`disable_compile=True`); `speed_up_trainer` switches it back on where a trial generation shows it works;
+- left padding: every row's next token sits at the same position, which is what a static cache and a decode
+  attention kernel with per-row `kv_start` expect;
+- an attention implementation of our own for decoding, and routed-experts-only MoE decoding, plug in through
+  `attn_implementation` and the model's modules; this file only passes the name on.
+
+`rollout_settings` returns `generate` keyword arguments (also valid in `GRPOConfig(generation_kwargs=...)`).
+Greedy decoding with these settings gives the same tokens as plain eager decoding (tests/test_rollout.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rollout_settings(device, static_cache: bool = True, compile: bool | None = None) -> dict:
+    """Keyword arguments for `model.generate`: a static cache, and (CUDA by default) a compiled decode step."""
+    device = torch.device(device)
+    compile = device.type == "cuda" if compile is None else compile
+    settings = {}
+    if static_cache:
+        settings["cache_implementation"] = "static"
+    if compile:
+        from transformers import CompileConfig
+
+        if not static_cache:
+            raise ValueError("compile=True needs static_cache=True: only fixed-shape decode steps compile")
+        settings["compile_config"] = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
+    return settings
+
+
+def prepare_for_rollouts(model, tokenizer, attn_implementation: str | None = None) -> None:
+    """Left padding, a pad token, and (optionally) the attention implementation used while generating."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+
+
+def _compile_works(model, tokenizer, settings: dict) -> bool:
+    """A two-token trial generation with the compiled decode step; False (and why) if it fails."""
+    device = next(model.parameters()).device
+    enc = tokenizer(["a", "a b c"], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    try:
+        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings)
+        return True
+    except Exception as e:  # any failure to compile or capture means: decode without it
+        print(f"compiled decoding does not work here ({type(e).__name__}: {str(e)[:200]}); decoding eagerly")
+        return False
+
+
+def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
+    """Give a GRPOTrainer's generation the static cache and, on CUDA, the compiled decode step (if a trial works).
+
+    Returns the settings applied.
+    """
+    model = trainer.model
+    device = next(model.parameters()).device
+    settings = rollout_settings(device, compile=compile)
+    if "compile_config" in settings and not _compile_works(model, trainer.processing_class, settings):
+        settings = rollout_settings(device, compile=False)
+    config = trainer.generation_config
+    config.cache_implementation = settings.get("cache_implementation")
+    config.disable_compile = "compile_config" not in settings
+    if "compile_config" in settings:
+        config.compile_config = settings["compile_config"]
+    if isinstance(getattr(trainer, "generation_kwargs", None), dict):  # TRL re-applies these at each generation
+        trainer.generation_kwargs["cache_implementation"] = settings.get("cache_implementation")
+    return settings
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, settings: dict | None = None,
+             do_sample: bool = False, temperature: float = 1.0, skip_special_tokens: bool = True) -> list[str]:
+    """Completions of exact model-input prompts, batched with left padding; `settings` from `rollout_settings`."""
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    router = getattr(model.config, "output_router_logits", False)
+    model.config.output_router_logits = False  # MoE aux loss is a training-time quantity
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **sampling, **(settings or {}))
+    finally:
+        tokenizer.padding_side = side
+        model.config.output_router_logits = router
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,98 @@
+"""Fast rollouts must not change what is generated: greedy tokens with the rollout settings (static cache, left
+padding, batched) equal plain eager decoding of each prompt alone, on the tiny gpt-oss, with and without LoRA."""
+import pytest
+import torch
+
+from nbhelpers.rl.rollout import generate, prepare_for_rollouts, rollout_settings
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gpt_oss):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy-sized matrices: threads only add overhead
+    tok = AutoTokenizer.from_pretrained(tiny_gpt_oss)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt_oss, dtype=torch.float32).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+               for c in ["Sort 3 1 2.", "Reverse the list of digits.\n\n1 2 3 4 5 6 7 8 9", "hi", "Write def matmul(A, B)."]]
+    yield model, tok, prompts
+    torch.set_num_threads(threads)
+
+
+def eager_greedy(model, tok, prompt):
+    """Plain transformers: one unpadded prompt, dynamic cache, eager attention."""
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id,
+                         top_p=None, top_k=None, temperature=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def fast_greedy_ids(model, tok, prompts, settings):
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id,
+                         top_p=None, top_k=None, temperature=None, **settings)
+    return [row[enc["input_ids"].shape[1]:].tolist() for row in out]
+
+
+def strip_after_eos(ids, eos, pad):
+    out = []
+    for t in ids:
+        if t == pad:
+            break
+        out.append(t)
+        if t == eos:
+            break
+    return out
+
+
+def test_settings():
+    assert rollout_settings("cpu") == {"cache_implementation": "static"}
+    assert "compile_config" in rollout_settings("cuda")
+    with pytest.raises(ValueError, match="static_cache"):
+        rollout_settings("cuda", static_cache=False, compile=True)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fast_rollouts_generate_the_same_tokens_as_eager(tiny, lora):
+    model, tok, prompts = tiny
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        prepare_for_rollouts(model, tok)
+        assert tok.padding_side == "left"
+        lengths = {len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts}
+        assert len(lengths) == len(prompts)  # every row gets a different amount of left padding
+        fast = fast_greedy_ids(model, tok, prompts, rollout_settings("cpu"))
+        for prompt, got in zip(prompts, fast):
+            want = eager_greedy(model, tok, prompt)
+            assert strip_after_eos(got, tok.eos_token_id, tok.pad_token_id) == \
+                strip_after_eos(want, tok.eos_token_id, tok.pad_token_id)
+        texts = generate(model, tok, prompts, MAX_NEW, rollout_settings("cpu"), skip_special_tokens=False)
+        assert texts == [tok.decode(ids) for ids in fast]
+    finally:
+        if lora:
+            model.unload()
+
+
+def test_speed_up_trainer_sets_the_static_cache_on_trls_generation(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from nbhelpers.rl.rollout import speed_up_trainer
+    from nbhelpers.rl.toy_task import digits_reward
+
+    model, tok, prompts = tiny
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                      max_completion_length=4, use_cpu=True, report_to="none", save_strategy="no")
+    trainer = GRPOTrainer(model=model, reward_funcs=[digits_reward], args=args, processing_class=tok,
+                          train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * 4))
+    assert speed_up_trainer(trainer, compile=False) == {"cache_implementation": "static"}
+    assert trainer.generation_config.cache_implementation == "static" and trainer.generation_config.disable_compile
+    assert trainer.generation_kwargs["cache_implementation"] == "static"
