@@ -36,8 +36,9 @@ def _mask(c0, c1, lo, hi, lq, lk, causal, window, kv_start, device):
     return ok
 
 
-def forward(q, k, v, sinks, scale, causal, window, kv_start, chunk=CHUNK):
+def forward(q, k, v, sinks, scale, causal, window, kv_start, chunk=None):
     """q [B, Hq, Lq, D] -> (out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq] fp32)."""
+    chunk = chunk or CHUNK
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -65,8 +66,9 @@ def forward(q, k, v, sinks, scale, causal, window, kv_start, chunk=CHUNK):
     return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
 
 
-def backward(do, q, k, v, lse, delta, scale, causal, window, kv_start, chunk=CHUNK):
+def backward(do, q, k, v, lse, delta, scale, causal, window, kv_start, chunk=None):
     """Gradients (dq, dk, dv) in the inputs' dtypes; lse and delta are fp32 [B, Hq, Lq]."""
+    chunk = chunk or CHUNK
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     g = Hq // Hkv
