@@ -14,7 +14,7 @@ import torch
 from nbhelpers.kernels.attention import attention, attention_varlen, chunked, decode_attention
 from nbhelpers.kernels.attention.reference import attention_reference, attention_varlen_reference
 
-KERNEL_MODULES = ("forward", "backward_dkdv", "backward_dq", "decode", "decode_combine")
+KERNEL_MODULES = ("reductions", "forward", "backward_dkdv", "backward_dq", "decode", "decode_combine")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 

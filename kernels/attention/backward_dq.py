@@ -78,7 +78,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, CU_Q, CU_K,
     lo = (lo // BLOCK_N) * BLOCK_N
 
     qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi

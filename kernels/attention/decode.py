@@ -12,6 +12,8 @@ hk * group + r // Lq and query r % Lq, at position Lk - Lq + r % Lq.
 import triton
 import triton.language as tl
 
+from .reductions import row_max, row_sum
+
 
 @triton.jit
 def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START,
@@ -50,8 +52,8 @@ def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START,
 
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_R], 0.0, tl.float32)
+    acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
@@ -64,11 +66,11 @@ def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START,
         if HAS_WINDOW:
             vis = vis & (pos[:, None] - cols[None, :] < window)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, row_max(s))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum(p)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new

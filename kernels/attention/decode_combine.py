@@ -22,8 +22,8 @@ def _attn_decode_combine(PART_O, PART_M, PART_L, SINKS, O,
     h = hk * group + rows // seq_q
     i = rows % seq_q
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    l = tl.full([BLOCK_R], 0.0, tl.float32)
+    acc = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
     for s in range(0, n_splits):
         part = (pid_bh.to(tl.int64) * n_splits + s) * BLOCK_R
         m_s = tl.load(PART_M + part + rows)

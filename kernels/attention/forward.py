@@ -17,6 +17,8 @@ makes every recomputed probability zero.
 import triton
 import triton.language as tl
 
+from .reductions import row_max, row_sum
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -83,8 +85,8 @@ def _attn_fwd(Q, K, V, O, LSE, SINKS, KV_START, CU_Q, CU_K,
 
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
@@ -99,11 +101,11 @@ def _attn_fwd(Q, K, V, O, LSE, SINKS, KV_START, CU_Q, CU_K,
         if HAS_WINDOW:
             vis = vis & (pos[:, None] - cols[None, :] < window)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, row_max(s))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum(p)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
