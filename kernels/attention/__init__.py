@@ -12,6 +12,8 @@ the Triton kernels; other CPU tensors run `chunked.py`, the same algorithm in to
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import use_triton
@@ -106,6 +108,12 @@ def _bwd_triton(do, q, k, v, lse, delta, scale, causal, window, kv_start, cu=Non
         Hq, Hq // Hkv, lq, lk, D, scale, window or 0,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()) \
+        .multi_processor_count
 
 
 def triton_cdiv(a, b):
@@ -272,7 +280,7 @@ def decode_attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, s
     block_r = max(16, 1 << (rows - 1).bit_length())
     block_d = configs.head_bucket(D)
     if num_splits is None:
-        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        n_sm = _sm_count(q.device.index) if q.is_cuda else 4
         num_splits = max(1, min(triton_cdiv(Lk, 256), triton_cdiv(2 * n_sm, B * Hkv)))
     split = triton_cdiv(triton_cdiv(Lk, num_splits), block_n) * block_n
     num_splits = triton_cdiv(Lk, split)
