@@ -188,6 +188,14 @@ def test_clear_errors():
         attention(q[0], k, v)
 
 
+def test_t4_refuses_bf16():
+    from nbhelpers.kernels.attention import configs
+
+    with pytest.raises(ValueError, match="bf16 needs a GPU of compute capability >= 8.0"):
+        configs.pick("fwd", 64, torch.bfloat16, 75)
+    assert configs.pick("fwd", 64, torch.float16, 75) == configs.T4["fwd"][64]
+
+
 def test_aot_every_picked_config_builds():
     """T4 (sm_75, fp16): every config fits 64 KiB of shared memory; sm_80 / sm_90 (bf16) build within 99 KiB."""
     from nbhelpers.kernels.aot import T4_SHARED_MEMORY, compile_specs

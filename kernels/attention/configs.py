@@ -51,6 +51,9 @@ def pick(kernel: str, head_dim: int, dtype: torch.dtype, cc: int | None) -> tupl
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` at this head dim, dtype and compute capability."""
     if cc is None:
         return INTERPRETER
+    if cc < 80 and dtype == torch.bfloat16:
+        raise ValueError(f"attention: bf16 needs a GPU of compute capability >= 8.0, this one is sm_{cc}; "
+                         "use fp16 (a T4 has no bf16 tensor cores)")
     block_m, block_n, warps, stages = table(cc)[kernel][head_bucket(head_dim)]
     if dtype == torch.float32:
         block_n = max(16, block_n // 2)
