@@ -36,32 +36,38 @@ def _mask(c0, c1, lo, hi, lq, lk, causal, window, kv_start, device):
     return ok
 
 
+def _rows(x, c0, c1):
+    """[B, Hkv, g, L, D] -> the chunk's rows as [B, Hkv, g * c, D] (group folded into rows: plain 4-D matmuls)."""
+    B, H, g, _, D = x.shape
+    return x[:, :, :, c0:c1].reshape(B, H, g * (c1 - c0), D)
+
+
 def forward(q, k, v, sinks, scale, causal, window, kv_start, chunk=None):
     """q [B, Hq, Lq, D] -> (out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq] fp32)."""
     chunk = chunk or CHUNK
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     g = Hq // Hkv
-    qg = q.view(B, Hkv, g, Lq, D)
-    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    qg = q.view(B, Hkv, g, Lq, D).float() * scale  # the scale folded into q: one pass over L*D, not L*L
+    kf, vf = k.float(), v.float()
     out = torch.zeros(B, Hkv, g, Lq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hkv, g, Lq, dtype=torch.float32, device=q.device)
     sink = sinks.float().view(1, Hkv, g, 1) if sinks is not None else None
     for c0 in range(0, Lq, chunk):
         c1 = min(Lq, c0 + chunk)
         lo, hi = _band(c0, c1, Lq, Lk, causal, window)
-        s = torch.matmul(qg[:, :, :, c0:c1].float(), kf[..., lo:hi, :].transpose(-1, -2)) * scale
-        s = s.masked_fill(~_mask(c0, c1, lo, hi, Lq, Lk, causal, window, kv_start, q.device), float("-inf"))
+        s = torch.matmul(_rows(qg, c0, c1), kf[:, :, lo:hi].transpose(-1, -2)).view(B, Hkv, g, c1 - c0, hi - lo)
+        s.masked_fill_(~_mask(c0, c1, lo, hi, Lq, Lk, causal, window, kv_start, q.device), float("-inf"))
         m = s.amax(-1) if hi > lo else torch.full(s.shape[:-1], float("-inf"), device=q.device)
         if sink is not None:
             m = torch.maximum(m, sink.expand_as(m))
         m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m_safe[..., None])
+        p = s.sub_(m_safe[..., None]).exp_()  # in place: no autograd in here, and one pass less per op
         denom = p.sum(-1)
         if sink is not None:
             denom = denom + torch.exp(sink - m_safe)
-        o = torch.matmul(p, vf[..., lo:hi, :]) / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
-        out[:, :, :, c0:c1] = o.to(q.dtype)
+        o = torch.matmul(p.view(B, Hkv, -1, hi - lo), vf[:, :, lo:hi]).view(B, Hkv, g, c1 - c0, D)
+        out[:, :, :, c0:c1] = (o / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]).to(q.dtype)
         lse[:, :, :, c0:c1] = torch.where(denom > 0, m_safe + torch.log(denom), torch.full_like(denom, float("inf")))
     return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
 
@@ -74,7 +80,7 @@ def backward(do, q, k, v, lse, delta, scale, causal, window, kv_start, chunk=Non
     g = Hq // Hkv
     qg, dog = q.view(B, Hkv, g, Lq, D).float(), do.reshape(B, Hkv, g, Lq, D).float()
     lse, delta = lse.view(B, Hkv, g, Lq), delta.view(B, Hkv, g, Lq)
-    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    kf, vf = k.float(), v.float()
     dq = torch.zeros_like(qg)
     dk = torch.zeros(B, Hkv, Lk, D, device=q.device)
     dv = torch.zeros(B, Hkv, Lk, D, device=q.device)
@@ -83,13 +89,15 @@ def backward(do, q, k, v, lse, delta, scale, causal, window, kv_start, chunk=Non
         lo, hi = _band(c0, c1, Lq, Lk, causal, window)
         if hi <= lo:
             continue
-        qc, doc = qg[:, :, :, c0:c1], dog[:, :, :, c0:c1]
-        s = torch.matmul(qc, kf[..., lo:hi, :].transpose(-1, -2)) * scale
-        ok = _mask(c0, c1, lo, hi, Lq, Lk, causal, window, kv_start, q.device)
-        p = torch.where(ok, torch.exp(s - lse[:, :, :, c0:c1, None]), torch.zeros_like(s))
-        dv[:, :, lo:hi] += torch.matmul(p.transpose(-1, -2), doc).sum(2)
-        dp = torch.matmul(doc, vf[..., lo:hi, :].transpose(-1, -2))
-        ds = p * (dp - delta[:, :, :, c0:c1, None])
-        dq[:, :, :, c0:c1] = torch.matmul(ds, kf[..., lo:hi, :]) * scale
-        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
+        c, n = c1 - c0, hi - lo
+        qc, doc = _rows(qg, c0, c1), _rows(dog, c0, c1)  # [B, Hkv, g * c, D]
+        s = torch.matmul(qc, kf[:, :, lo:hi].transpose(-1, -2)).view(B, Hkv, g, c, n).mul_(scale)
+        s.masked_fill_(~_mask(c0, c1, lo, hi, Lq, Lk, causal, window, kv_start, q.device), float("-inf"))
+        p = s.sub_(lse[:, :, :, c0:c1, None]).exp_()  # masked entries: exp(-inf) = 0
+        dp = torch.matmul(doc, vf[:, :, lo:hi].transpose(-1, -2)).view(B, Hkv, g, c, n)
+        ds = dp.sub_(delta[:, :, :, c0:c1, None]).mul_(p).view(B, Hkv, g * c, n)
+        p = p.view(B, Hkv, g * c, n)
+        dv[:, :, lo:hi] += torch.matmul(p.transpose(-1, -2), doc)  # the sum over the group is the contraction
+        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc) * scale
+        dq[:, :, :, c0:c1] = torch.matmul(ds, kf[:, :, lo:hi]).view(B, Hkv, g, c, D) * scale
     return dq.view(B, Hq, Lq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
