@@ -10,5 +10,6 @@ from .memory import WontFitError, check_memory, estimate
 from .presets import PRESETS, settings
 from .report import Timer, memory_report, plot_loss, print_memory_time, reset_peak_memory, save_metrics
 from .tiny import build_tiny
+from . import attention  # noqa: E402,F401  registers attn_implementation="nbhelpers" with transformers
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -32,6 +32,7 @@ max_steps = None  # full: 60; tiny: 300
 seed = 0
 output_dir = "outputs/qlora_sft"
 install = True  # pip-install nbhelpers and its stack (runs only inside Colab)
+attn_implementation = "nbhelpers"  # our Triton flash attention (sinks, sliding windows); "sdpa"/"eager": transformers'
 
 # %% [markdown]
 # ## Install (Colab only)
@@ -79,11 +80,14 @@ estimate = nb.check_memory(cfg["model_name"], device, seq_len=cfg["max_length"],
 # %% [markdown]
 # ## Load the model in 4-bit
 # Every `nn.Linear` except the LM head becomes a bitsandbytes NF4 layer (double-quantized scales); computation
-# happens in `dtype`.
+# happens in `dtype`. Attention runs through `attn_implementation="nbhelpers"`: the package's Triton flash attention
+# (gpt-oss sinks and sliding windows, forward and backward, any GPU from a T4 up; a chunked torch path on CPU).
 
 # %%
-model, tokenizer = nb.load_model(cfg["model_name"], quantization=cfg["quantization"], dtype=dtype, device=device)
-print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters stored")
+model, tokenizer = nb.load_model(cfg["model_name"], quantization=cfg["quantization"], dtype=dtype, device=device,
+                                 attn_implementation=attn_implementation)
+print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters stored, "
+      f"attention: {model.config._attn_implementation}")
 
 # %% [markdown]
 # ## Add LoRA
