@@ -14,6 +14,9 @@ The exponent comes from the bits of amax, not from a float log2: with amax = 2^q
 amax <= 1.5 * 2^q  <=>  f <= 2^22, so e = q - 2 when f <= 2^22 else q - 1, i.e. s = biased_exp(amax) - 2 + (f > 2^22).
 Two nibbles per byte, the low nibble holding the even element: blocks `[..., K/32, 16]`, scales `[..., K/32]`.
 
+Decoding to fp32 overflows for |x| >= 3.5 * 2^126 (about 3e38): such values round to 4 * 2^126 = 2^128, which
+MXFP4 encodes but fp32 cannot hold. Weights never come near.
+
 Ties: the midpoints 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5 go to 0, 1, 1, 2, 2, 4, 4 (indices 0, 2, 2, 4, 4, 6, 6).
 """
 from __future__ import annotations
