@@ -204,3 +204,41 @@ def load_nvfp4(path, dtype: torch.dtype = torch.float32, device="cpu"):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(device).eval()
+
+
+def dequantize_export(src, out_dir, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A dense copy of an MXFP4 export (experts decoded to `dtype` in HF layout, no quantization_config), written
+    shard by shard; plain `AutoModelForCausalLM.from_pretrained` loads it without any quantizer."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from .formats import mxfp4_dequantize
+
+    src, out = Path(src), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map, total = {}, 0
+    for fname in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(src / fname))
+        dense = {}
+        for key, t in tensors.items():
+            if key.endswith("_scales"):
+                continue
+            if key.endswith("_blocks"):
+                stem = key[: -len("_blocks")]
+                t = mxfp4_dequantize(t, tensors[f"{stem}_scales"], dtype).transpose(1, 2).contiguous()
+                key = stem
+            dense[key] = t
+        save_file(dense, str(out / fname), metadata={"format": "pt"})
+        for k, t in dense.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    config = AutoConfig.from_pretrained(src)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
