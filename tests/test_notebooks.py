@@ -114,11 +114,12 @@ def test_gpt_oss_qat_tiny_beats_ptq_and_exports(runs_root):
 
     from nbhelpers.data import format_messages_dataset, load_reasoning_dataset
     from nbhelpers.qat import heldout_loss
-    from nbhelpers.tiny import build_tiny  # noqa: F401  (the tokenizer is in the export)
+    from nbhelpers.presets import PRESETS
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(export)
-    raw = load_reasoning_dataset("synthetic:multilingual", n_train=1, n_eval=metrics["n_eval"], seed=0)
+    tiny = PRESETS["gpt_oss_qat"]["tiny"]
+    raw = load_reasoning_dataset(tiny["dataset_name"], n_train=tiny["n_train"], n_eval=tiny["n_eval"], seed=0)
     eval_ds = format_messages_dataset(raw["eval"], tok, max_length=256)
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32,
                                                  quantization_config=Mxfp4Config(dequantize=True))

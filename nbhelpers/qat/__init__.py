@@ -5,6 +5,7 @@ from .formats import (FORMATS, dequantize, fake_quantize, fake_quantize_values, 
 from .train import fq_grouped_matmul, prepare_qat, qat_disabled, qat_modules, remove_qat
 
 __all__ = [name for name in dir() if not name.startswith("_")]
-from .notebook import detect_language, heldout_loss, language_share, plan_qat, reasoning_text, snap_experts_to_grid_
+from .notebook import (detect_language, heldout_loss, language_share, plan_qat, reasoning_text,
+                       snap_experts_to_grid_, train_loop)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
