@@ -42,11 +42,11 @@ def gpt_oss_config(quick: bool, layers: int):
         return GptOssConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                             num_experts_per_tok=2, sliding_window=8, max_position_embeddings=512,
-                            layer_types=["sliding_attention", "full_attention"] * (layers // 2 + 1))
+                            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
     return GptOssConfig(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers,
                         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
                         num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
-                        layer_types=["sliding_attention", "full_attention"] * (layers // 2 + 1))
+                        layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
 
 
 def sync(device):

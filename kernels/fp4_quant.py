@@ -102,8 +102,22 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _mxfp4_quant_kernel(W, BLOCKS, SCALES, n_groups, BLOCK_G: tl.constexpr):
-        """One program encodes BLOCK_G groups of 32 consecutive elements (the input is contiguous)."""
+    def _e2m1_decode(c, f1, f2):
+        """Signed nibble -> value * 2^(s-127) (as f1 * f2, two exact power-of-two factors)."""
+        mag = c & 7
+        e = mag >> 1
+        m = (mag & 1).to(tl.float32)
+        val = tl.where(e == 0, 0.5 * m, _pow2(e - 1) * (1.0 + 0.5 * m))
+        val = tl.where((c & 8) != 0, -val, val)
+        return val * f1 * f2
+
+    @triton.jit
+    def _mxfp4_quant_kernel(W, BLOCKS, SCALES, OUT, n_groups, BLOCK_G: tl.constexpr, STORE_CODES: tl.constexpr,
+                            STORE_DECODED: tl.constexpr):
+        """One program encodes BLOCK_G groups of 32 consecutive elements (the input is contiguous).
+
+        STORE_CODES writes blocks/scales (the export); STORE_DECODED writes the decoded values of those very codes
+        to OUT in OUT's dtype (the fake-quant forward): one encoder, two outputs."""
         pid = tl.program_id(0)
         g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
         j = tl.arange(0, 16)
@@ -123,9 +137,18 @@ if triton is not None:
         c_odd = _e2m1_code(tl.abs(x_odd) * f1 * f2)
         c_even = c_even | (((x_even < 0) & (c_even != 0)).to(tl.int32) << 3)
         c_odd = c_odd | (((x_odd < 0) & (c_odd != 0)).to(tl.int32) << 3)
-        packed = (c_even | (c_odd << 4)).to(tl.uint8)
-        tl.store(BLOCKS + g.to(tl.int64)[:, None] * 16 + j[None, :], packed, mask=mask)
-        tl.store(SCALES + g, s.to(tl.uint8), mask=g < n_groups)
+        if STORE_CODES:
+            packed = (c_even | (c_odd << 4)).to(tl.uint8)
+            tl.store(BLOCKS + g.to(tl.int64)[:, None] * 16 + j[None, :], packed, mask=mask)
+            tl.store(SCALES + g, s.to(tl.uint8), mask=g < n_groups)
+        if STORE_DECODED:
+            d = s - 127  # 2^d as two normal factors, so scale byte 0 (2^-127) stays exact
+            d1 = d // 2
+            g1 = _pow2(d1)[:, None]
+            g2 = _pow2(d - d1)[:, None]
+            out_ty = OUT.dtype.element_ty
+            tl.store(OUT + base, _e2m1_decode(c_even, g1, g2).to(out_ty), mask=mask)
+            tl.store(OUT + base + 1, _e2m1_decode(c_odd, g1, g2).to(out_ty), mask=mask)
 
 
 BLOCK_G = 64  # groups per program: 64 x 32 elements, no shared memory beyond the row reductions
@@ -141,5 +164,25 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = torch.empty(*w.shape[:-1], w.shape[-1] // BLOCK, 16, dtype=torch.uint8, device=w.device)
     scales = torch.empty(*w.shape[:-1], w.shape[-1] // BLOCK, dtype=torch.uint8, device=w.device)
     if n_groups:
-        _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, blocks, scales, n_groups, BLOCK_G=BLOCK_G)
+        _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, blocks, scales, x, n_groups, BLOCK_G=BLOCK_G,
+                                                                STORE_CODES=True, STORE_DECODED=False)
     return blocks, scales
+
+
+def fake_quantize_mxfp4(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dequantize_mxfp4(*quantize_mxfp4(w), dtype)` in one pass: the kernel's encoder, decoded in registers.
+
+    Bit-exact with the two-step path (tested); without Triton it is literally the two steps."""
+    from .mxfp4 import dequantize_mxfp4
+
+    dtype = dtype or w.dtype
+    if not use_triton(w):
+        return dequantize_mxfp4(*quantize_mxfp4_reference(w), dtype)
+    _check(w, BLOCK, "mxfp4_quantize")
+    x = w.contiguous()
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    n_groups = x.numel() // BLOCK
+    if n_groups:
+        _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, x, x, out, n_groups, BLOCK_G=BLOCK_G,
+                                                                STORE_CODES=False, STORE_DECODED=True)
+    return out

@@ -408,6 +408,7 @@ import os, sys, torch
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 from nbhelpers.kernels import fp4_quant as q
+from nbhelpers.kernels.mxfp4 import dequantize_mxfp4
 from tests.test_qat import edge_rows
 g = torch.Generator().manual_seed(0)
 cases = [edge_rows(), torch.randn(5, 3, 96, generator=g) * torch.logspace(-8, 8, 96),
@@ -417,6 +418,13 @@ for w in cases:
     b, s = q.quantize_mxfp4(w)
     rb, rs = q.quantize_mxfp4_reference(w)
     assert torch.equal(b, rb) and torch.equal(s, rs), w.shape
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        fq = q.fake_quantize_mxfp4(w, dt)
+        ref = dequantize_mxfp4(rb, rs, dt)
+        keep = ~ref.isnan()
+        if dt == torch.bfloat16:  # the interpreter's numpy bf16 cast flushes subnormals (< 2^-126) to zero
+            keep &= ref.float().abs() >= 2.0 ** -126
+        assert fq.dtype == dt and torch.equal(fq.isnan(), ref.isnan()) and torch.equal(fq[keep], ref[keep]), dt
 print("ok", len(cases))
 """
 
@@ -434,10 +442,14 @@ def test_aot_compile_sm75_sm80_sm90():
     specs = []
     for cc, dtypes in ((75, ("fp16", "fp32")), (80, ("bf16", "fp16")), (90, ("bf16",))):
         for dt in dtypes:
-            specs.append({"module": "nbhelpers.kernels.fp4_quant", "kernel": "_mxfp4_quant_kernel",
-                          "signature": {"W": f"*{dt}", "BLOCKS": "*u8", "SCALES": "*u8", "n_groups": "i32",
-                                        "BLOCK_G": "constexpr"},
-                          "constexprs": {"BLOCK_G": fp4_quant.BLOCK_G}, "num_warps": 4, "num_stages": 1, "cc": cc})
+            for codes, decoded in ((True, False), (False, True)):  # the encoder, the fused fake-quant
+                specs.append({"module": "nbhelpers.kernels.fp4_quant", "kernel": "_mxfp4_quant_kernel",
+                              "signature": {"W": f"*{dt}", "BLOCKS": "*u8", "SCALES": "*u8", "OUT": f"*{dt}",
+                                            "n_groups": "i32", "BLOCK_G": "constexpr", "STORE_CODES": "constexpr",
+                                            "STORE_DECODED": "constexpr"},
+                              "constexprs": {"BLOCK_G": fp4_quant.BLOCK_G, "STORE_CODES": codes,
+                                             "STORE_DECODED": decoded},
+                              "num_warps": 4, "num_stages": 1, "cc": cc})
     results = compile_specs(specs)
     for spec, res in zip(specs, results):
         assert "error" not in res, (spec["cc"], spec["signature"]["W"], res)

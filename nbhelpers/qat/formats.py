@@ -1,14 +1,15 @@
 """MXFP4 / NVFP4 quantizers and the straight-through fake-quant that QAT trains with.
 
-`fake_quantize(w, fmt)` is literally `dequantize(*quantize(w))` - the same quantizer the exporters call - so what
-training simulates is bit for bit what the export stores. Its backward is the straight-through estimator:
+`fake_quantize(w, fmt)` is `dequantize(*quantize(w))` - the same quantizer the exporters call - so what training
+simulates is bit for bit what the export stores. For MXFP4 on a GPU it runs as one fused pass of the same Triton
+encoder kernel (decoding the codes it just chose, in registers); tests hold it bit-exact to the two-step path. Its backward is the straight-through estimator:
 dL/dw = dL/dfake_quantize(w).
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels.fp4_quant import quantize_mxfp4
+from ..kernels.fp4_quant import fake_quantize_mxfp4, quantize_mxfp4
 from ..kernels.mxfp4 import dequantize_mxfp4
 from ..kernels.nvfp4_quant import dequantize_nvfp4, quantize_nvfp4
 
@@ -54,6 +55,8 @@ def dequantize(q: tuple, fmt: str, dtype: torch.dtype) -> torch.Tensor:
 def fake_quantize_values(w: torch.Tensor, fmt: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """dequantize(quantize(w)) in `dtype` (default w.dtype), no autograd."""
     with torch.no_grad():
+        if check_format(fmt) == "mxfp4":  # one fused pass on the GPU, the same encoder as `mxfp4_quantize`
+            return fake_quantize_mxfp4(w.detach(), dtype or w.dtype)
         return dequantize(quantize(w.detach(), fmt), fmt, dtype or w.dtype)
 
 
