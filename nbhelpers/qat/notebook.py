@@ -144,7 +144,7 @@ def train_loop(model, dataset, *, steps: int, lr: float, batch_size: int, grad_a
                 ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
             loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             (loss / grad_accum).backward()
-            running.append(float(loss))
+            running.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
