@@ -126,22 +126,19 @@ def _write(model, out_dir, tokenizer, fmt: str, config_update) -> Path:
             weight_map[k] = fname
             total += t.numel() * t.element_size()
 
-    extra = {}
+    n_extra = 0
     for name, t in _module_tensors(model, fmt):
         if name in tied:
             continue
         layer = _layer_of(name)
-        if layer is None:
-            extra[name] = t
-            continue
-        key = f"layer{layer:03d}"
-        if key != shard_key and shard_key != "extra":
-            flush(shard_key, shard)
+        key = f"layer{layer:03d}" if layer is not None else "extra"
+        if key != shard_key or key == "extra":  # a finished layer, or a tensor outside the layers: write it now
+            flush(shard_key if shard_key != "extra" else f"extra{n_extra:02d}", shard)
+            n_extra += shard_key == "extra" and bool(shard)
             shard = {}
         shard_key = key
         shard[name] = t
-    flush(shard_key, shard)
-    flush("extra", extra)
+    flush(shard_key if shard_key != "extra" else f"extra{n_extra:02d}", shard)
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     config = copy.deepcopy(tmodel.config)
