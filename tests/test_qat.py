@@ -455,3 +455,29 @@ def test_aot_compile_sm75_sm80_sm90():
         assert "error" not in res, (spec["cc"], spec["signature"]["W"], res)
         assert res["shared"] <= SHARED_MEMORY_LIMIT[spec["cc"]]
         assert res["n_spills"] in (None, 0)
+
+
+# ------------------------------------------------------------------ notebook helpers
+def test_reasoning_language_detector():
+    from nbhelpers.data import NUMBER_WORDS
+    from nbhelpers.qat import detect_language, reasoning_text
+
+    for lang, words in NUMBER_WORDS.items():
+        assert detect_language(" ".join(words[2:6])) == lang
+    assert detect_language("Nous devons trier la liste, donc le plus petit est un") == "French"
+    assert detect_language("Wir sortieren die Liste und das ist nicht schwer") == "German"
+    assert detect_language("12 34") is None
+    text = "<|channel|>analysis<|message|>drei vier<|end|><|start|>assistant<|channel|>final<|message|>3 4<|return|>"
+    assert reasoning_text(text) == "drei vier"
+
+
+def test_plan_qat_picks_lora_when_full_does_not_fit(gpt_oss_path):
+    from transformers import AutoConfig
+
+    from nbhelpers.qat import plan_qat
+
+    config = AutoConfig.from_pretrained(gpt_oss_path)
+    plan = plan_qat(config, 10**12, seq_len=64, batch=1, lora_r=8, dtype=torch.bfloat16)
+    assert plan["mode"] == "full" and plan["full_bytes"] > plan["lora_bytes"]
+    assert plan_qat(config, plan["full_bytes"] - 1, seq_len=64, batch=1, lora_r=8,
+                    dtype=torch.bfloat16)["mode"] == "lora"

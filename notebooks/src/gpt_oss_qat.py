@@ -252,6 +252,11 @@ else:
     qat.load_nvfp4(export_dir, dtype=dtype).save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
 del model
+import gc
+
+gc.collect()
+if device.type == "cuda":
+    torch.cuda.empty_cache()
 
 # %% [markdown]
 # ## Reload the export and re-evaluate
@@ -260,10 +265,10 @@ del model
 
 # %%
 if cfg["fmt"] == "mxfp4":
-    from transformers import AutoModelForCausalLM, Mxfp4Config
+    from transformers import Mxfp4Config
 
-    reloaded = AutoModelForCausalLM.from_pretrained(export_dir, dtype=dtype,
-                                                    quantization_config=Mxfp4Config(dequantize=True)).to(device)
+    reloaded, _ = nb.load_model(str(export_dir), dtype=dtype, device=device,
+                                quantization_config=Mxfp4Config(dequantize=True))
 else:
     reloaded = qat.load_nvfp4(export_dir, dtype=dtype, device=device)
 reload_lang = evaluate("export", reloaded)
