@@ -158,3 +158,90 @@ def load_sft_dataset(name: str, n_train: int | None = None, n_eval: int = 50, se
     full = full.shuffle(seed=seed)
     end = len(full) if n_train is None else min(len(full), n_eval + n_train)
     return DatasetDict(train=full.select(range(n_eval, end)), eval=full.select(range(n_eval)))
+
+
+# ---------------------------------------------------------------- multilingual reasoning (gpt-oss QAT notebook)
+# The tiny preset's stand-in for HuggingFaceH4/Multilingual-Thinking: the developer message names the reasoning
+# language, the assistant thinks (harmony `analysis` channel, key "thinking") by spelling the sorted digits in that
+# language, and answers with the sorted digits.
+NUMBER_WORDS = {
+    "English": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+    "French": ["zéro", "un", "deux", "trois", "quatre", "cinq", "sept", "huit", "neuf", "dix"],
+    "German": ["null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"],
+    "Spanish": ["cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"],
+}
+# Toy vocabularies, not arithmetic: French spells 6..9 as "sept".."dix" so that no word is shared with English
+# ("six"); every word then names exactly one language.
+MULTILINGUAL_PROMPT = "reasoning language: {language}"
+
+
+def make_multilingual_rows(n: int = 100, seed: int = 0, min_len: int = 3, max_len: int = 6,
+                           exclude: Iterable[str] = ()) -> list[dict]:
+    """Rows with `messages` (system: reasoning language, user: digits to sort, assistant: thinking + answer) and
+    `reasoning_language`; deterministic from `seed`; inputs in `exclude` are skipped."""
+    rng = random.Random(f"multilingual-{seed}")
+    languages = sorted(NUMBER_WORDS)
+    seen, rows = set(exclude), []
+    while len(rows) < n:
+        language = rng.choice(languages)
+        digits = rng.sample(range(10), rng.randint(min_len, max_len))
+        key = language + ":" + " ".join(map(str, digits))
+        if key in seen:
+            continue
+        seen.add(key)
+        ordered = sorted(digits)
+        rows.append({"reasoning_language": language, "key": key, "messages": [
+            {"role": "system", "content": MULTILINGUAL_PROMPT.format(language=language)},
+            {"role": "user", "content": "Sort the digits in ascending order.\n\n" + " ".join(map(str, digits))},
+            {"role": "assistant", "thinking": " ".join(NUMBER_WORDS[language][d] for d in ordered),
+             "content": " ".join(map(str, ordered))}]})
+    return rows
+
+
+def load_reasoning_dataset(name: str, n_train: int | None = None, n_eval: int = 50, seed: int = 0):
+    """`DatasetDict(train, eval)` of rows with `messages` and `reasoning_language`: `synthetic:multilingual` is
+    generated here, anything else comes from the hub (HuggingFaceH4/Multilingual-Thinking's `train` split,
+    shuffled with `seed`, the first `n_eval` rows held out)."""
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    if name == SYNTHETIC_PREFIX + "multilingual":
+        train = make_multilingual_rows(n_train or 2000, seed)
+        held_out = make_multilingual_rows(n_eval, seed + 1_000_003, exclude=[r["key"] for r in train])
+        return DatasetDict(train=Dataset.from_list(train), eval=Dataset.from_list(held_out))
+    full = load_dataset(name, split="train")
+    check_columns(full, ("messages", "reasoning_language"))
+    full = full.shuffle(seed=seed)
+    end = len(full) if n_train is None else min(len(full), n_eval + n_train)
+    return DatasetDict(train=full.select(range(n_eval, end)), eval=full.select(range(n_eval)))
+
+
+def _clean_messages(messages: list[dict]) -> list[dict]:
+    """Chat messages with the keys chat templates read (role, content, thinking when set)."""
+    out = []
+    for m in messages:
+        msg = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("thinking"):
+            msg["thinking"] = m["thinking"]
+        out.append(msg)
+    return out
+
+
+def format_messages_dataset(dataset, tokenizer, max_length: int = 512):
+    """Tokenize rows with a `messages` column for SFT: `input_ids` + labels on the last assistant turn only."""
+    check_columns(dataset, ("messages",))
+    out = dataset.map(lambda row: tokenize_example(tokenizer, _clean_messages(row["messages"]), max_length),
+                      remove_columns=list(dataset.column_names))
+    kept = out.filter(lambda row: any(l != -100 for l in row["labels"]))
+    if len(out) and not len(kept):
+        raise ValueError(f"max_length={max_length} cuts off the answer of all {len(out)} rows; raise max_length")
+    return kept
+
+
+def messages_eval_rows(dataset, tokenizer) -> list[dict]:
+    """Held-out rows as `{"prompt", "answer", "reasoning_language"}` (prompt = exact model input text)."""
+    rows = []
+    for r in dataset:
+        messages = _clean_messages(r["messages"])
+        rows.append({"prompt": prompt_text(tokenizer, messages), "answer": messages[-1]["content"],
+                     "reasoning_language": r["reasoning_language"]})
+    return rows

@@ -138,3 +138,32 @@ def test_gpt_oss_grpo_tiny_reward_rises(runs_root, tiny_gpt_oss):
           f"sampled {base_sampled:.2f} -> {sampled:.2f}", file=sys.stderr)
     assert sampled > base_sampled + 0.05
     assert greedy > base_greedy
+def test_gpt_oss_qat_tiny_beats_ptq_and_exports(runs_root):
+    """Acceptance (issue 6): QAT's held-out loss is below PTQ's, and output_dir/mxfp4/ is a gpt-oss MXFP4 checkpoint
+    that transformers' own loader reads back to the QAT model's held-out loss."""
+    out = run_tiny(ROOT / "notebooks" / "gpt_oss_qat.ipynb", runs_root)
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"held-out loss: SFT {metrics['sft_eval_loss']:.4f}, PTQ {metrics['ptq_eval_loss']:.4f}, "
+          f"QAT {metrics['qat_eval_loss']:.4f}, export {metrics['export_eval_loss']:.4f}", file=sys.stderr)
+    assert metrics["qat_eval_loss"] < metrics["ptq_eval_loss"]
+    assert metrics["sft_eval_loss"] < metrics["base_eval_loss"]
+    export = out / "mxfp4"
+    config = json.loads((export / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    index = json.loads((export / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in index
+
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from nbhelpers.data import format_messages_dataset, load_reasoning_dataset
+    from nbhelpers.qat import heldout_loss
+    from nbhelpers.presets import PRESETS
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export)
+    tiny = PRESETS["gpt_oss_qat"]["tiny"]
+    raw = load_reasoning_dataset(tiny["dataset_name"], n_train=tiny["n_train"], n_eval=tiny["n_eval"], seed=0)
+    eval_ds = format_messages_dataset(raw["eval"], tok, max_length=256)
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32,
+                                                 quantization_config=Mxfp4Config(dequantize=True))
+    assert abs(heldout_loss(model, eval_ds) - metrics["qat_eval_loss"]) < 1e-4

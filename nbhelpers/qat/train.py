@@ -1,0 +1,266 @@
+"""QAT: fake-quantized expert weights (and chosen nn.Linear weights) in every forward.
+
+gpt-oss experts (transformers' `GptOssExperts`, HF layout `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`) get a
+forward that routes tokens to experts and, per expert hit, multiplies by
+
+    Wq_e = fake_quantize((W_e + s * lhs_e @ rhs_e).T, fmt).T          (blocks along the input dim, as on disk)
+
+inside one autograd.Function per projection (`fq_grouped_matmul`). Nothing the size of a layer's experts is kept:
+forward and backward rebuild one expert's Wq at a time; the backward is straight-through
+(dL/dW_e = dL/dWq_e = x_e^T dy_e) and flows into the master weights (full QAT) or into peft's expert LoRA factors
+(LoRA-QAT: the base stays frozen, the adapter learns what survives re-quantization).
+
+peft attaches expert LoRA as a parametrization (`nn.utils.parametrize`) that it registers around each forward; the
+QAT forward reads `parametrizations[name].original` and the LoRA terms from it instead of letting peft materialise
+`W + dW` for the whole expert stack.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .formats import BLOCK_SIZE, check_format, fake_quantize, fake_quantize_values
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------- the merged expert weight (training == export)
+def merged_expert_weight(w: torch.Tensor, e: int, lora: dict | None) -> torch.Tensor:
+    """Expert e of a `[E, in, out]` stack with its LoRA terms added, in fp32, as `[out, in]` (quantization layout).
+
+    The exporter calls this same function, so the tensor it quantizes is bit for bit the one training saw.
+    """
+    we = w[e].float()
+    if lora:
+        if lora.get("lhs") is not None:
+            we = we + lora["scaling"] * (lora["lhs"][e].float() @ lora["rhs"][e].float())
+        if lora.get("delta") is not None:
+            we = we + lora["delta"][e].float()
+    return we.t().contiguous()
+
+
+def expert_weight_fq(w: torch.Tensor, e: int, lora: dict | None, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """Fake-quantized expert e as `[in, out]` in `dtype` (ready for `x @ W`)."""
+    return fake_quantize_values(merged_expert_weight(w, e, lora), fmt, dtype).t()
+
+
+class _FakeQuantGroupedMatmul(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ fq(W_e + s lhs_e rhs_e); rows sorted by expert, `counts[e]` rows each."""
+
+    @staticmethod
+    def forward(ctx, x, w, lhs, rhs, delta, scaling, counts, fmt):
+        lora = {"lhs": lhs, "rhs": rhs, "delta": delta, "scaling": scaling}
+        y = x.new_empty(x.shape[0], w.shape[-1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y[start:start + n] = x[start:start + n] @ expert_weight_fq(w, e, lora, fmt, x.dtype)
+                start += n
+        ctx.save_for_backward(x, w, lhs, rhs, delta)
+        ctx.scaling, ctx.counts, ctx.fmt = scaling, counts, fmt
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, lhs, rhs, delta = ctx.saved_tensors
+        lora = {"lhs": lhs, "rhs": rhs, "delta": delta, "scaling": ctx.scaling}
+        need_x, need_w, need_lhs, need_rhs, need_delta = ctx.needs_input_grad[:5]
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.zeros_like(w) if need_w else None
+        dlhs = torch.zeros_like(lhs) if need_lhs else None
+        drhs = torch.zeros_like(rhs) if need_rhs else None
+        ddelta = torch.zeros_like(delta) if need_delta else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            start += n
+            if need_x:
+                dx[rows] = dy[rows] @ expert_weight_fq(w, e, lora, ctx.fmt, dy.dtype).t()
+            if need_w or need_lhs or need_rhs or need_delta:
+                g = x[rows].t().float() @ dy[rows].float()  # straight through: dL/dW_e = dL/dWq_e, [in, out]
+                if need_w:
+                    dw[e] = g
+                if need_delta:
+                    ddelta[e] = g
+                if need_lhs:
+                    dlhs[e] = ctx.scaling * (g @ rhs[e].float().t())
+                if need_rhs:
+                    drhs[e] = ctx.scaling * (lhs[e].float().t() @ g)
+        return dx, dw, dlhs, drhs, ddelta, None, None, None
+
+
+def fq_grouped_matmul(x, w, counts, fmt, lora: dict | None = None):
+    lora = lora or {}
+    return _FakeQuantGroupedMatmul.apply(x, w, lora.get("lhs"), lora.get("rhs"), lora.get("delta"),
+                                         float(lora.get("scaling", 1.0)), tuple(int(c) for c in counts), fmt)
+
+
+# ---------------------------------------------------------------- peft's expert LoRA, read without materialising
+def expert_param_and_lora(module, name: str) -> tuple[torch.Tensor, dict | None]:
+    """The master weight and the active LoRA terms of expert parameter `name` while peft's parametrization is on."""
+    plists = getattr(module, "parametrizations", None)
+    if plists is None or name not in plists:
+        return getattr(module, name), None
+    plist = plists[name]
+    lora: dict = {"lhs": None, "rhs": None, "delta": None, "scaling": 1.0}
+    for p in plist:
+        if hasattr(p, "lhs") and hasattr(p, "rhs") and lora["lhs"] is None:
+            lora.update(lhs=p.lhs, rhs=p.rhs, scaling=float(p.scaling))
+        elif hasattr(p, "delta_weight"):
+            lora["delta"] = p.delta_weight if lora["delta"] is None else lora["delta"] + p.delta_weight
+        else:
+            raise TypeError(f"QAT cannot read parametrization {type(p).__name__} on experts.{name}: expected peft's "
+                            "LoRA proxies (with lhs/rhs/scaling or delta_weight)")
+    return plist.original, lora
+
+
+def lora_wrappers(module) -> list:
+    """peft ParamWrappers around an experts module, outermost first (empty without peft)."""
+    out = []
+    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
+        out.append(module)
+        module = module.base_layer
+    return out
+
+
+@contextlib.contextmanager
+def active_lora(wrapped_experts):
+    """Switch on peft's expert-LoRA parametrizations as its forward does (for the exporter and for tests)."""
+    with contextlib.ExitStack() as stack:
+        for wrapper in lora_wrappers(wrapped_experts):
+            if not wrapper.disable_adapters and not wrapper.merged:
+                stack.enter_context(wrapper._activate_lora(wrapper.active_adapters))
+        yield
+
+
+# ---------------------------------------------------------------- the QAT forwards
+def qat_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    """GptOssExperts' computation with fake-quantized expert weights (see the module docstring)."""
+    fmt = self.nbhelpers_qat
+    num_tokens, top_k = router_indices.shape
+    flat = router_indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+    token = order // top_k
+    experts = flat[order]
+    x = hidden_states[token]
+    w, lora = expert_param_and_lora(self, "gate_up_proj")
+    gate_up = fq_grouped_matmul(x, w, counts, fmt, lora) + self.gate_up_proj_bias[experts]
+    act = self._apply_gate(gate_up)
+    w, lora = expert_param_and_lora(self, "down_proj")
+    out = fq_grouped_matmul(act, w, counts, fmt, lora) + self.down_proj_bias[experts]
+    out = out * routing_weights.reshape(-1)[order, None]
+    next_states = torch.zeros_like(hidden_states)
+    return next_states.index_add_(0, token, out.to(hidden_states.dtype))
+
+
+def linear_weight(module) -> torch.Tensor:
+    """The weight a (peft LoRA or plain) linear computes with: W + sum of active adapters' s * B @ A."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    w = base.weight
+    if hasattr(module, "lora_A") and not module.disable_adapters and not module.merged:
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                w = w + module.scaling[name] * (module.lora_B[name].weight @ module.lora_A[name].weight)
+    return w
+
+
+def qat_linear_forward(self, x, *args, **kwargs):
+    base = self.get_base_layer() if hasattr(self, "get_base_layer") else self
+    w = fake_quantize(linear_weight(self), self.nbhelpers_qat)
+    return F.linear(x, w.to(x.dtype), base.bias)
+
+
+# ---------------------------------------------------------------- prepare / remove
+def _is_experts(module) -> bool:
+    return type(module).__name__ == "GptOssExperts" and all(hasattr(module, n) for n in EXPERT_PARAMS)
+
+
+def _base(module):
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def qat_modules(model) -> dict[str, torch.nn.Module]:
+    """Name -> module of everything `prepare_qat` switched on."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "nbhelpers_qat", None)}
+
+
+def prepare_qat(model, fmt: str = "mxfp4", targets="experts", trainable: bool | None = None):
+    """Fake-quantize weights in every forward from now on; returns the model (changed in place).
+
+    targets: "experts" (every gpt-oss routed-expert stack), or a list of name patterns (fnmatch, e.g.
+    `["*.experts", "*.mlp.down_proj"]`) matching experts modules or nn.Linear (peft LoRA linears included).
+    Full QAT: call on a model without LoRA and the expert master weights train (set `trainable=True`, the default
+    when the model has no peft adapters). LoRA-QAT: call on a peft model; the base stays frozen and the forward
+    fake-quantizes `W + s * B @ A`. Works for both formats: blocks of 32 (mxfp4) or 16 (nvfp4) along the input dim.
+    """
+    check_format(fmt)
+    block = BLOCK_SIZE[fmt]
+    patterns = None if targets == "experts" else ([targets] if isinstance(targets, str) else list(targets))
+    hits = []
+    for name, module in model.named_modules():
+        clean = name.replace(".base_layer", "")
+        if _is_experts(module):
+            kind = "experts"
+        elif patterns is None or name.endswith(".base_layer") or ".lora_" in name:
+            continue
+        elif isinstance(module, torch.nn.Linear) or (hasattr(module, "lora_A")
+                                                     and isinstance(_base(module), torch.nn.Linear)):
+            kind = "linear"
+        else:
+            continue
+        if patterns is not None and not any(fnmatch.fnmatch(clean, p) for p in patterns):
+            continue
+        if kind == "experts":
+            for p in EXPERT_PARAMS:
+                w, _ = expert_param_and_lora(module, p)
+                if w.shape[1] % block:
+                    raise ValueError(f"{clean}.{p}: input dim {w.shape[1]} is not a multiple of the {fmt} block "
+                                     f"{block} (HF layout [E, in, out], found {tuple(w.shape)})")
+            module.forward = types.MethodType(qat_experts_forward, module)
+        else:
+            if _base(module).in_features % block:
+                raise ValueError(f"{clean}: in_features {_base(module).in_features} is not a multiple of the "
+                                 f"{fmt} block {block}")
+            module.forward = types.MethodType(qat_linear_forward, module)
+        module.nbhelpers_qat = fmt
+        hits.append((clean, module))
+    if not hits:
+        raise ValueError(f"prepare_qat found no module matching targets={targets!r} (gpt-oss experts or nn.Linear)")
+    if trainable is None:
+        trainable = not hasattr(model, "peft_config")
+    if trainable:
+        for _, module in hits:
+            for p in (EXPERT_PARAMS if _is_experts(module) else ("weight",)):
+                getattr(_base(module), p).requires_grad_(True)
+    return model
+
+
+def remove_qat(model):
+    """Undo `prepare_qat`: the original forwards come back (weights are untouched)."""
+    for _, module in qat_modules(model).items():
+        del module.forward
+        del module.nbhelpers_qat
+    return model
+
+
+@contextlib.contextmanager
+def qat_disabled(model):
+    """Temporarily run the model without fake-quant (e.g. to evaluate the high-precision model)."""
+    saved = qat_modules(model)
+    fmts = {n: m.nbhelpers_qat for n, m in saved.items()}
+    remove_qat(model)
+    try:
+        yield model
+    finally:
+        for n, m in saved.items():
+            m.nbhelpers_qat = fmts[n]
+            m.forward = types.MethodType(qat_experts_forward if _is_experts(m) else qat_linear_forward, m)
