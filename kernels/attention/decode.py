@@ -60,6 +60,7 @@ def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START,
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = s.to(tl.float32)  # stays fp32 even when torch.compile hands the scale over as fp64
         vis = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             vis = vis & (cols[None, :] <= pos[:, None])

@@ -93,6 +93,7 @@ def _attn_fwd(Q, K, V, O, LSE, SINKS, KV_START, CU_Q, CU_K,
         k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = s.to(tl.float32)  # stays fp32 even when torch.compile hands the scale over as fp64
         vis = col_ok[None, :] & row_ok[:, None]
         if HAS_KV_START:
             vis = vis & (cols[None, :] >= kv0)
