@@ -43,7 +43,18 @@ class Estimate(dict):
     settings: dict
 
 
+_COUNTS: dict = {}
+
+
 def _count(config) -> dict:
+    """Parameter counts by kind, from the model built on the meta device (cached per config)."""
+    key = config.to_json_string()
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_uncached(config)
+    return _COUNTS[key]
+
+
+def _count_uncached(config) -> dict:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -190,7 +201,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
 
     # working sets of the phases
     grads_in_flight = 3 * t * m["H"] * b  # gradient of the hidden state in, out, and of the residual branch
-    dequantized = c["max_linear"] * b * 2 if quantization else 0  # a 4-bit weight dequantized for its matmul
+    # bitsandbytes dequantizes an NF4 weight for each matmul (MXFP4 experts are decoded tile by tile in-kernel)
+    dequantized = c["max_linear"] * b * 2 if quantization == "nf4" else 0
     layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
     if attn == "eager":  # the probabilities' gradient and the softmax backward's output
         layer_phase += 2 * batch * m["nq"] * seq_len * seq_len * b
