@@ -9,5 +9,7 @@ from .memory import WontFitError, check_memory, estimate
 from .presets import PRESETS, settings
 from .report import Timer, memory_report, plot_loss, print_memory_time, reset_peak_memory, save_metrics
 from .tiny import build_tiny
+from .memory import plan_memory
+from .offload import enable_offloaded_checkpointing, offload_embeddings
 
 __all__ = [name for name in dir() if not name.startswith("_")]
