@@ -226,13 +226,16 @@ def main():
                              attn="eager", checkpointing=True))
     errs = [abs(r["error_pct"]) for r in rows if "error_pct" in r]
     print(f"worst planner error {max(errs):.1f}% over {len(errs)} cases on {device.type}")
-    t4 = memory.estimate(gpt_oss_20b(), seq_len=2048, batch=1, lora_r=16, quantization="mxfp4",
-                         dtype=torch.float16, offload_activations=True, offload_embeddings=True, fused_ce=True,
-                         attn_implementation="nbhelpers")
-    print("gpt-oss-20b on a T4 (mxfp4, r=16, 2k tokens, offloads, fused CE, flash-style attention):")
-    print(memory.format_table(t4, int(14.74 * GB)))
+    t4 = {}
+    for r in (8, 16):
+        t4[r] = memory.estimate(gpt_oss_20b(), seq_len=2048, batch=1, lora_r=r, quantization="mxfp4",
+                                dtype=torch.float16, offload_activations=True, offload_embeddings=True,
+                                fused_ce=True, attn_implementation="nbhelpers")
+        print(f"gpt-oss-20b on a T4 (mxfp4, LoRA r={r} on attention + every expert, 2k tokens, offloads, "
+              "fused CE, flash-style attention):")
+        print(memory.format_table(t4[r], int(14.74 * GB)))
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "gpt_oss_20b_t4": dict(t4)}, indent=1))
+        Path(args.out).write_text(json.dumps({"rows": rows, "gpt_oss_20b_t4": {r: dict(e) for r, e in t4.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class HostOffloader:
                 self._fall_back(f"pinned host memory cap of {self.max_pinned_bytes / GB:.2f} GB reached")
             else:
                 try:
-                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    buf = self._empty(t, pin_memory=True)
                 except RuntimeError as err:  # no CUDA driver, locked-memory limit, cudaHostAlloc out of memory
                     self._fall_back(f"pinned memory could not be allocated ({str(err).splitlines()[0]})")
                 else:
@@ -97,10 +97,14 @@ class HostOffloader:
                     weakref.finalize(buf, self._release_pinned, nbytes)
                     return buf
         try:
-            return torch.empty(t.shape, dtype=t.dtype)
+            return self._empty(t, pin_memory=False)
         except (RuntimeError, MemoryError) as err:
             self._fall_back(f"host memory could not be allocated ({str(err).splitlines()[0]})", keep_on_device=True)
             return None
+
+    @staticmethod
+    def _empty(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin_memory)
 
     def _release_pinned(self, nbytes: int) -> None:
         self.pinned_bytes -= nbytes
@@ -112,6 +116,8 @@ class HostOffloader:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
+        if t.numel() == 0:  # e.g. the empty placeholder older torch checkpoints save: nothing to move
+            return ("device", t)
         if self.keep_on_device:
             self.stats["on_device"] += 1
             return ("device", t)

@@ -102,7 +102,7 @@ def _saved_per_layer(model, ids, labels):
                     layer.register_forward_hook(post, with_kwargs=True)]
 
     def pack(t):
-        if current[0] is not None:
+        if current[0] is not None and t.numel() > 0:  # (older torch also saves an empty placeholder)
             saved.setdefault(current[0], []).append(t)
         return t
 
@@ -143,15 +143,12 @@ def test_host_memory_failure_keeps_inputs_on_device(tiny_llama, monkeypatch, cap
     ids, labels = _batch(model)
     expected = _loss_and_grads(model, ids, labels)
     off = offload.enable_offloaded_checkpointing(model, offload=True)
-    real_empty = torch.empty
 
-    def failing_empty(*a, **k):
+    def failing_empty(t, pin_memory):
         raise RuntimeError("out of host memory (simulated)")
-    monkeypatch.setattr(torch, "empty", failing_empty)
-    try:
-        loss = model(input_ids=ids, labels=labels)
-    finally:
-        monkeypatch.setattr(torch, "empty", real_empty)
+    monkeypatch.setattr(offload.HostOffloader, "_empty", staticmethod(failing_empty))
+    loss = model(input_ids=ids, labels=labels)
+    monkeypatch.undo()
     assert "stay on the GPU" in capsys.readouterr().out
     assert off.stats["on_device"] == model.config.num_hidden_layers
     got = _loss_and_grads(model, ids, labels)  # keeps working, now without copies
