@@ -196,3 +196,12 @@ def test_bad_settings_are_named():
         memory.estimate(cfg, seq_len=8, batch=1, gradient_checkpointing=False, offload_activations=True)
     with pytest.raises(ValueError, match=">= 1"):
         memory.estimate(cfg, seq_len=0, batch=1)
+
+
+def test_estimate_reads_a_name_like_a_config(tiny_gpt_oss):
+    from transformers import AutoConfig
+
+    by_name = memory.estimate(tiny_gpt_oss, seq_len=32, batch=2, lora_r=4, generation=(2, 40))
+    by_config = memory.estimate(AutoConfig.from_pretrained(tiny_gpt_oss), seq_len=32, batch=2, lora_r=4,
+                                generation=(2, 40))
+    assert dict(by_name) == dict(by_config) and by_name.phases == by_config.phases
