@@ -5,8 +5,9 @@ from .env import adapt_to_device, environment, pick_device, pick_dtype, report_e
 from .evaluate import exact_match, generate, show_examples, write_jsonl
 from .export import merge_lora, save_adapter, save_merged
 from .fast import speed_up, use_fused_loss, use_nf4_lora
-from .loading import add_lora, load_model, lora_targets
-from .memory import WontFitError, check_memory, estimate
+from .loading import add_lora, load_lora, load_model, lora_targets
+from .memory import WontFitError, check_memory, estimate, plan_memory
+from .offload import enable_offloaded_checkpointing, offload_embeddings
 from .presets import PRESETS, settings
 from .report import Timer, memory_report, plot_loss, print_memory_time, reset_peak_memory, save_metrics
 from .tiny import build_tiny

@@ -1,37 +1,77 @@
-"""A rough, itemised estimate of peak device memory from a model config, checked before anything loads.
+"""The memory planner: itemised predicted peak device memory of LoRA training, from a model config alone.
 
-Good to tens of percent; a later version replaces it with a measured planner. Parameter counts are exact
-(the model is built on the meta device, which allocates nothing).
+`estimate(config_or_name, seq_len=..., batch=..., ...)` models a training step as a persistent part (weights, LoRA
+parameters, their gradients, AdamW state, activations saved for backward) plus the largest working set on top of
+it, whichever phase is biggest:
+- loss: full logits (the compute-dtype logits, the fp32 copy the loss takes, log-softmax saved for backward, and in
+  backward its gradient and the gradient of its input: 12 bytes per logit at the worst moment), or one chunk of
+  them with a fused linear cross-entropy;
+- layer: one decoder layer's activations (rebuilt from its saved input when checkpointing) plus the gradients
+  flowing through it;
+- generation: the KV cache for `generation=(sequences, length)` (GQA: only the KV heads; sliding-window layers keep
+  only the window) and the last position's logits.
+Per-layer activation bytes per token were read off the tensors autograd saves (saved-tensor hooks, bf16 autocast)
+for Llama/Qwen-style layers and for gpt-oss (routed experts; eager attention with sinks, or a flash-style kernel).
+Parameter counts are exact: the model is built on the meta device, which allocates nothing.
+`plan_memory(...)` is what notebooks call before loading: it prints the table and shrinks the batch, then the
+length, until the estimate fits, or refuses with WontFitError.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 GB = 2**30
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-# bytes per weight of a quantized linear: NF4 = 4 bits + double-quantized absmax (~0.127 bits);
-# MXFP4 = 4 bits + one E8M0 scale byte per 32 weights.
-_QUANT_BYTES = {"nf4": (4 + 0.127) / 8, "mxfp4": 4.25 / 8}
+# bytes per weight of a quantized linear. NF4 (bitsandbytes, double quant): 4 bits + one uint8 absmax per 64
+# weights + one fp32 per 256 absmax blocks. MXFP4: 16 bytes of nibbles + one E8M0 scale byte per 32 weights.
+_QUANT_BYTES = {"nf4": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "mxfp4": 17 / 32}
+CUDA_CONTEXT = 400 * 2**20  # CUDA context + cuBLAS workspace: outside torch's allocator statistics
+FRAGMENTATION = 0.05  # caching-allocator slack on top of live tensors
 
 
 class WontFitError(RuntimeError):
     """The chosen model and settings need more memory than the device has."""
 
 
+class Estimate(dict):
+    """Itemised bytes (`total` is their sum) plus `phases` (the working set of each phase) and `peak_phase`."""
+
+    phases: dict
+    peak_phase: str
+    settings: dict
+
+
+_COUNTS: dict = {}
+
+
 def _count(config) -> dict:
+    """Parameter counts by kind, from the model built on the meta device (cached per config)."""
+    key = config.to_json_string()
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_uncached(config)
+    return _COUNTS[key]
+
+
+def _count_uncached(config) -> dict:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    counts = {"embed": 0, "head": 0, "linear": 0, "experts": 0, "other": 0, "lora_shapes": []}
+    counts = {"embed": 0, "head": 0, "linear": 0, "experts": 0, "other": 0, "lora_shapes": [],
+              "expert_lora_shapes": [], "max_linear": 0}
     head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    counts["tied"] = head is not None and head.weight is emb.weight
     for name, module in model.named_modules():
         if module is head:
-            counts["head"] += module.weight.numel()
+            counts["head"] += 0 if counts["tied"] else module.weight.numel()
         elif isinstance(module, torch.nn.Embedding):
             counts["embed"] += module.weight.numel()
         elif isinstance(module, torch.nn.Linear):
             counts["linear"] += module.weight.numel()
+            counts["max_linear"] = max(counts["max_linear"], module.weight.numel())
             counts["other"] += module.bias.numel() if module.bias is not None else 0
             counts["lora_shapes"].append((module.in_features, module.out_features))
         elif type(module).__name__.endswith("Experts"):
@@ -39,7 +79,7 @@ def _count(config) -> dict:
                 if p.dim() == 3:
                     counts["experts"] += p.numel()
                     e, i, o = p.shape
-                    counts["lora_shapes"] += [(i, o)] * e
+                    counts["expert_lora_shapes"] += [(i, o)] * e
                 else:
                     counts["other"] += p.numel()
         else:
@@ -47,32 +87,170 @@ def _count(config) -> dict:
     return counts
 
 
+def _dims(config) -> dict:
+    h = config.hidden_size
+    nq = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or h // nq
+    nkv = getattr(config, "num_key_value_heads", None) or nq
+    moe = getattr(config, "model_type", "") == "gpt_oss"
+    return dict(H=h, I=config.intermediate_size, nq=nq, nkv=nkv, d=d, q=nq * d, kv=nkv * d, L=config.num_hidden_layers,
+                V=config.vocab_size, moe=moe, E=getattr(config, "num_local_experts", 0),
+                k=getattr(config, "num_experts_per_tok", 0))
+
+
+def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act_bytes: int,
+                           attn_implementation: str) -> int:
+    """Bytes autograd saves in one decoder layer (LoRA on every linear, frozen base, compute dtype `act_bytes`).
+
+    Per token: the RMSNorm fp32 copy (4H); the normed input and LoRA's own casts of it (q/k/v: 4H for Llama-style,
+    3H for gpt-oss); q after RoPE, attention output, o_proj input (3q); k, v (2kv, or 2q when eager attention
+    repeats the KV heads); LoRA's rank-r intermediates (7r); Llama MLP: gate, up, SiLU, down input (4I) and one more
+    H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and gate_up, its slices,
+    clamps, sigmoid and product (6I), and the router logits (E). Eager attention adds its probabilities
+    `[batch, heads, L, L + 1]` (the sink column included); flash-style kernels keep only the log-sum-exp (fp32).
+    """
+    m = _dims(config)
+    t, b, H = batch * seq_len, act_bytes, m["H"]
+    eager = attn_implementation == "eager"
+    per_token = 4 * H + b * (3 * m["q"] + 7 * lora_r)
+    per_token += b * (2 * m["q"] if eager else 2 * m["kv"])
+    if m["moe"]:
+        per_token += b * (3 * H + m["k"] * (H + 6 * m["I"] + 4 * lora_r) + m["E"])
+    else:
+        per_token += b * (5 * H + 4 * m["I"])
+    total = t * per_token
+    if eager:
+        total += batch * m["nq"] * seq_len * (seq_len + (1 if m["moe"] else 0)) * b
+    else:
+        total += 4 * t * m["nq"]
+    return int(total)
+
+
+def kv_cache_bytes(config, sequences: int, length: int, act_bytes: int) -> int:
+    """K and V for every layer: sliding-window layers hold at most the window."""
+    m = _dims(config)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * m["L"]
+    window = getattr(config, "sliding_window", None)
+    total = 0
+    for kind in types[:m["L"]]:
+        n = min(length, window) if kind == "sliding_attention" and window else length
+        total += 2 * m["kv"] * n * act_bytes * sequences
+    return total
+
+
+def _fused_ce_chunk(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk when the fused loss keeps a chunk of logits about the size of the hidden states."""
+    chunks = max(1, math.ceil(vocab / hidden))
+    return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / chunks)))))
+
+
 def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization: str | None = "nf4",
-             dtype: torch.dtype = torch.float16, gradient_checkpointing: bool = True) -> dict:
-    """Itemised predicted peak bytes for LoRA training: weights, LoRA + AdamW, activations, logits, overhead."""
+             dtype: torch.dtype = torch.float16, gradient_checkpointing: bool = True,
+             offload_activations: bool = False, offload_embeddings: bool = False, fused_ce: bool = False,
+             attn_implementation: str | None = None, lora_experts: bool | None = None,
+             generation: tuple[int, int] | None = None, cuda: bool = True) -> Estimate:
+    """Itemised predicted peak bytes of LoRA training (and generation with `generation=(sequences, length)`).
+
+    config: a transformers config, or a model name / path / `tiny:<arch>` (only its config is read).
+    quantization: None (all weights in `dtype`), "nf4" (bitsandbytes NF4 for every linear but the head, and the
+    experts), "mxfp4" (gpt-oss experts as uint8 blocks + scales, everything else in `dtype`).
+    offload_activations: checkpointed layer inputs live in host memory (needs gradient_checkpointing).
+    offload_embeddings: the input embedding table lives on the CPU (not when tied to the LM head).
+    fused_ce: the loss never materialises all logits, only a chunk of them.
+    attn_implementation: "eager" stores attention probabilities; anything else is treated as flash-style.
+    Default: "eager" for gpt-oss (sinks), "sdpa" otherwise.
+    lora_experts: LoRA on every expert of every layer (default: for gpt-oss).
+    cuda: add the CUDA context and allocator slack (`reserve`); False on CPU.
+    """
+    if isinstance(config, str):
+        from .loading import load_config
+
+        config = load_config(config)
     if quantization not in (None, "nf4", "mxfp4"):
         raise ValueError(f"quantization must be None, 'nf4' or 'mxfp4', got {quantization!r}")
-    c = _count(config)
+    if dtype not in _BYTES:
+        raise ValueError(f"dtype must be one of {list(_BYTES)}, got {dtype}")
+    if seq_len < 1 or batch < 1 or lora_r < 1:
+        raise ValueError(f"seq_len, batch and lora_r must be >= 1, got {seq_len}, {batch}, {lora_r}")
+    if offload_activations and not gradient_checkpointing:
+        raise ValueError("offload_activations needs gradient_checkpointing (the offloaded tensors are the "
+                         "checkpointed layer inputs)")
+    c, m = _count(config), _dims(config)
     b = _BYTES[dtype]
-    q = _QUANT_BYTES.get(quantization, b)
-    expert_bytes = _QUANT_BYTES["mxfp4"] if quantization == "mxfp4" else q
-    weights = (c["embed"] + c["head"] + c["other"]) * b + c["linear"] * q + c["experts"] * expert_bytes
-    lora_params = sum(lora_r * (i + o) for i, o in c["lora_shapes"])
-    lora = lora_params * (4 + 4 + 8)  # fp32 weight + grad + two AdamW moments
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    tokens = batch * seq_len
-    per_layer = tokens * hidden * b * (1 if gradient_checkpointing else 16)
-    activations = per_layer * layers + tokens * hidden * b * 16  # + one layer recomputed in full
-    logits = tokens * config.vocab_size * 4 * 2  # fp32 logits and their gradient
-    items = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits}
-    items["overhead"] = int(0.1 * sum(items.values())) + 512 * 2**20  # CUDA context, allocator slack
-    items = {k: int(v) for k, v in items.items()}
-    items["total"] = sum(items.values())
-    return items
+    attn = attn_implementation or ("eager" if m["moe"] else "sdpa")
+    lora_experts = m["moe"] if lora_experts is None else lora_experts
+
+    # weights
+    linear_bytes = _QUANT_BYTES["nf4"] if quantization == "nf4" else b
+    expert_bytes = _QUANT_BYTES[quantization] if quantization else b
+    embed = 0 if offload_embeddings and not c["tied"] else c["embed"] * b
+    weights = embed + (c["head"] + c["other"]) * b + c["linear"] * linear_bytes + c["experts"] * expert_bytes
+
+    # LoRA: fp32 parameters, fp32 gradients, AdamW's two fp32 moments
+    shapes = c["lora_shapes"] + (c["expert_lora_shapes"] if lora_experts else [])
+    lora_params = sum(lora_r * (i + o) for i, o in shapes)
+
+    # activations saved across the whole step
+    t = batch * seq_len
+    layer = layer_activation_bytes(config, seq_len=seq_len, batch=batch, lora_r=lora_r, act_bytes=b,
+                                   attn_implementation=attn)
+    if gradient_checkpointing:
+        saved = 0 if offload_activations else m["L"] * t * m["H"] * b
+    else:
+        saved = m["L"] * layer
+
+    # working sets of the phases
+    grads_in_flight = 3 * t * m["H"] * b  # gradient of the hidden state in, out, and of the residual branch
+    # bitsandbytes dequantizes an NF4 weight for each matmul (MXFP4 experts are decoded tile by tile in-kernel)
+    dequantized = c["max_linear"] * b * 2 if quantization == "nf4" else 0
+    layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
+    if attn == "eager":  # the probabilities' gradient and the softmax backward's output
+        layer_phase += 2 * batch * m["nq"] * seq_len * seq_len * b
+    final_norm = t * m["H"] * (4 + b)
+    if fused_ce:
+        chunk = _fused_ce_chunk(t, m["H"], m["V"])
+        loss_phase = final_norm + 3 * chunk * m["V"] * 4 + t * m["H"] * 4
+    else:
+        loss_phase = final_norm + 12 * t * m["V"]
+    phases = {"loss": loss_phase, "layer": layer_phase}
+    if generation is not None:
+        seqs, length = generation
+        phases["generation"] = kv_cache_bytes(config, seqs, length, b) + seqs * m["V"] * (b + 4)
+
+    peak_phase = max(phases, key=phases.get)
+    items = {"weights": weights, "lora_params": lora_params * 4, "lora_grads": lora_params * 4,
+             "optimizer": lora_params * 8, "saved_activations": saved, "working": phases[peak_phase]}
+    live = sum(items.values())
+    items["reserve"] = int(FRAGMENTATION * live) + CUDA_CONTEXT if cuda else 0
+    est = Estimate({k: int(v) for k, v in items.items()})
+    est["total"] = sum(est.values())
+    est.phases = {k: int(v) for k, v in phases.items()}
+    est.peak_phase = peak_phase
+    est.settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, quantization=quantization,
+                        dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=gradient_checkpointing,
+                        offload_activations=offload_activations, offload_embeddings=offload_embeddings,
+                        fused_ce=fused_ce, attn_implementation=attn, lora_experts=lora_experts,
+                        generation=generation)
+    return est
 
 
 def format_estimate(est: dict) -> str:
     return ", ".join(f"{k} {v / GB:.2f} GB" for k, v in est.items())
+
+
+def format_table(est: Estimate, available_bytes: int | None = None) -> str:
+    """A small text table: each item, the working set of each phase, the total and what is available."""
+    rows = [(k, v) for k, v in est.items() if k != "total"]
+    lines = [f"{'item':<20}{'GB':>9}"]
+    for k, v in rows:
+        note = f"  ({est.peak_phase} phase)" if k == "working" and hasattr(est, "peak_phase") else ""
+        lines.append(f"{k:<20}{v / GB:>9.3f}{note}")
+    lines.append(f"{'total':<20}{est['total'] / GB:>9.3f}")
+    if available_bytes is not None:
+        lines.append(f"{'available':<20}{available_bytes / GB:>9.3f}")
+    if getattr(est, "phases", None):
+        lines.append("working set by phase: " + ", ".join(f"{k} {v / GB:.3f} GB" for k, v in est.phases.items()))
+    return "\n".join(lines)
 
 
 def check_fits(est: dict, available_bytes: int, what: str = "the model") -> None:
@@ -84,21 +262,75 @@ def check_fits(est: dict, available_bytes: int, what: str = "the model") -> None
             f"or a smaller batch.")
 
 
+def _available(device, available_bytes):
+    if available_bytes is not None:
+        return available_bytes
+    from .env import device_memory
+
+    total, free = device_memory(device)
+    return total if torch.device(device).type == "cuda" else free
+
+
 def check_memory(model_name: str, device, *, seq_len: int, batch: int, lora_r: int = 16,
                  quantization: str | None = "nf4", dtype: torch.dtype = torch.float16,
-                 gradient_checkpointing: bool = True, available_bytes: int | None = None) -> dict:
+                 gradient_checkpointing: bool = True, available_bytes: int | None = None, **kwargs) -> dict:
     """Estimate from the config alone (no weights are downloaded), print it, and raise WontFitError if the
     device (GPU memory, or free RAM on CPU) cannot hold it."""
-    from .env import device_memory
     from .loading import load_config
 
     config = load_config(model_name)
     est = estimate(config, seq_len=seq_len, batch=batch, lora_r=lora_r, quantization=quantization, dtype=dtype,
-                   gradient_checkpointing=gradient_checkpointing)
-    if available_bytes is None:
-        total, free = device_memory(device)
-        available_bytes = total if torch.device(device).type == "cuda" else free
+                   gradient_checkpointing=gradient_checkpointing, cuda=torch.device(device).type == "cuda",
+                   **kwargs)
+    available_bytes = _available(device, available_bytes)
     print(f"estimated peak memory {est['total'] / GB:.2f} GB of {available_bytes / GB:.1f} GB available: "
           f"{format_estimate({k: v for k, v in est.items() if k != 'total'})}")
     check_fits(est, available_bytes, what=model_name)
     return est
+
+
+def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int, lora_r: int = 16,
+                quantization: str | None = "nf4", dtype: torch.dtype = torch.float16,
+                available_bytes: int | None = None, shrink: bool = True, min_seq_len: int = 128,
+                **kwargs) -> dict:
+    """Check the settings against the device before loading anything; print the itemised table.
+
+    When the estimate exceeds the available memory and `shrink` is true, halve the batch (down to 1), then the
+    sequence length (down to `min_seq_len`), saying what changed; if nothing fits (or `shrink` is false) raise
+    WontFitError with the estimate. Returns {"seq_len", "batch", "grad_accum_factor", "estimate", "changes"}:
+    multiply gradient accumulation by `grad_accum_factor` to keep the effective batch.
+    """
+    config = model_name_or_config
+    name = config if isinstance(config, str) else getattr(config, "_name_or_path", "") or config.model_type
+    if isinstance(config, str):
+        from .loading import load_config
+
+        config = load_config(config)
+    available_bytes = _available(device, available_bytes)
+    kwargs.setdefault("cuda", torch.device(device).type == "cuda")
+
+    def est_for(s, b_):
+        return estimate(config, seq_len=s, batch=b_, lora_r=lora_r, quantization=quantization, dtype=dtype,
+                        **kwargs)
+
+    s, b_ = seq_len, batch
+    est, changes = est_for(s, b_), []
+    while shrink and est["total"] > available_bytes and (b_ > 1 or s > min_seq_len):
+        if b_ > 1:
+            b_ = b_ // 2
+        else:
+            s = max(min_seq_len, s // 2)
+        est = est_for(s, b_)
+    if b_ != batch:
+        changes.append(f"batch {batch} -> {b_}")
+    if s != seq_len:
+        changes.append(f"max_length {seq_len} -> {s}")
+    print(f"memory plan for {name} (batch {b_}, length {s}):")
+    print(format_table(est, available_bytes))
+    check_fits(est, available_bytes, what=f"{name} at batch {b_}, length {s}")
+    if changes:
+        print(f"to fit in {available_bytes / GB:.1f} GB: " + ", ".join(changes)
+              + (f"; gradient accumulation x{batch // b_} keeps the effective batch" if b_ != batch else ""))
+    else:
+        print("fits as configured")
+    return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "estimate": est, "changes": changes}

@@ -69,13 +69,19 @@ print(cfg)
 
 # %% [markdown]
 # ## Will it fit?
-# A rough estimate from the model's config alone (no weights downloaded): 4-bit weights, LoRA with AdamW state,
-# activations, logits. If it exceeds the device's memory we stop here with the itemised estimate.
+# The memory planner predicts peak memory from the model's config alone (no weights downloaded): 4-bit weights,
+# LoRA with AdamW state, saved activations, logits. If the settings do not fit it shrinks the batch, then the
+# length, and says so; if nothing fits we stop here with the itemised estimate.
 
 # %%
-estimate = nb.check_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batch=cfg["batch_size"],
-                           lora_r=cfg["lora_r"], quantization=cfg["quantization"], dtype=dtype,
-                           gradient_checkpointing=cfg["gradient_checkpointing"])
+on_gpu = device.type == "cuda"
+plan = nb.plan_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batch=cfg["batch_size"],
+                      lora_r=cfg["lora_r"], quantization=cfg["quantization"], dtype=dtype,
+                      gradient_checkpointing=cfg["gradient_checkpointing"],
+                      offload_activations=on_gpu and cfg["gradient_checkpointing"], offload_embeddings=on_gpu)
+cfg.update(max_length=plan["seq_len"], batch_size=plan["batch"],
+           grad_accum=cfg["grad_accum"] * plan["grad_accum_factor"])
+estimate = plan["estimate"]
 
 # %% [markdown]
 # ## Load the model in 4-bit
@@ -94,9 +100,19 @@ print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e
 # Adapters of rank `r` on every linear layer (attention and MLP; for gpt-oss also every expert). Only they train.
 
 # %%
-model = nb.add_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"],
-                    gradient_checkpointing=cfg["gradient_checkpointing"])
+model = nb.add_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"])
 model.print_trainable_parameters()
+
+# %% [markdown]
+# ## VRAM savers
+# On a GPU each decoder layer is checkpointed with its input kept in pinned CPU memory, and the input embedding
+# table stays on the CPU (lookups there, results to the GPU); on a CPU, plain checkpointing if the preset asks.
+
+# %%
+if cfg["gradient_checkpointing"]:
+    nb.enable_offloaded_checkpointing(model)
+if on_gpu:
+    nb.offload_embeddings(model, device)
 
 # %% [markdown]
 # ## Data: chat template and response-only labels
@@ -134,7 +150,8 @@ args = SFTConfig(
     gradient_accumulation_steps=cfg["grad_accum"], learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
     warmup_steps=max(1, cfg["max_steps"] // 20), logging_steps=cfg["logging_steps"], optim="adamw_torch",
     fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu",
-    save_strategy="no", report_to="none", seed=seed, dataloader_num_workers=0)
+    save_strategy="no", report_to="none", seed=seed, dataloader_num_workers=0,
+    gradient_checkpointing=False)  # checkpointing is already on (offloaded, above); TRL would replace it
 trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
 nb.speed_up(trainer.model)  # our NF4 LoRA linears + fused linear cross-entropy (see the note above)
 nb.reset_peak_memory(device)

@@ -1,0 +1,207 @@
+"""The memory planner: exact weight/LoRA bytes by hand, activation bytes against what autograd really saves,
+monotonicity, itemisation, what offloads and fused CE save, gpt-oss-20b on a T4, the shrink logic."""
+import pytest
+import torch
+
+from nbhelpers import memory
+
+GB = 2**30
+T4 = int(14.74 * GB)
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=100, hidden_size=16, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=6, tie_word_embeddings=False)
+    return LlamaConfig(**{**base, **kw})
+
+
+def gpt_oss_20b():
+    from transformers import GptOssConfig
+
+    # from DESIGN.md: 24 layers, 32 experts top-4, hidden = expert intermediate = 2880, 64 q heads, 8 kv heads,
+    # head_dim 64, sliding window 128 on even layers, vocab 201,088, untied embeddings
+    return GptOssConfig(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, sliding_window=128, tie_word_embeddings=False,
+                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)])
+
+
+def test_tiny_config_by_hand():
+    cfg = tiny_llama_config()
+    V, H, I, L, q, kv, r = 100, 16, 40, 3, 4 * 6, 2 * 6, 4
+    seq, batch, b = 10, 2, 2
+    T = seq * batch
+    est = memory.estimate(cfg, seq_len=seq, batch=batch, lora_r=r, quantization=None, dtype=torch.float16,
+                          cuda=False)
+    linears = [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)]
+    params = 2 * V * H + L * (sum(i * o for i, o in linears) + 2 * H) + H
+    assert est["weights"] == params * b
+    lora = L * sum(r * (i + o) for i, o in linears)
+    assert (est["lora_params"], est["lora_grads"], est["optimizer"]) == (4 * lora, 4 * lora, 8 * lora)
+    assert est["saved_activations"] == L * T * H * b  # checkpointing: the layer inputs only
+    loss = T * H * (4 + b) + 12 * T * V
+    per_token = 4 * H + b * (5 * H + 3 * q + 2 * kv + 4 * I + 7 * r)
+    layer = T * per_token + 4 * T * 4 + 3 * T * H * b  # + log-sum-exp per head, + gradients in flight
+    assert est.phases == {"loss": loss, "layer": layer}
+    assert est["working"] == max(loss, layer) and est["reserve"] == 0
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    nf4 = memory.estimate(cfg, seq_len=seq, batch=batch, lora_r=r, quantization="nf4", dtype=torch.float16,
+                          cuda=False)
+    lin = L * sum(i * o for i, o in linears)
+    assert nf4["weights"] == int((params - lin) * b + lin * (4 + 8 / 64 + 32 / 16384) / 8)
+
+
+def _saved_layer_bytes(model, ids, layer_index=0):
+    """Bytes of new tensors autograd saves inside one decoder layer under bf16 autocast (parameters excluded)."""
+    layer = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")][layer_index]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside, seen = [False], {}
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):
+        st = t.untyped_storage()
+        if inside[0] and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_layer_activations_match_what_autograd_saves(arch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    if arch == "llama":
+        cfg, attn = tiny_llama_config(hidden_size=96, intermediate_size=200, head_dim=20, vocab_size=64), "sdpa"
+    else:
+        cfg = GptOssConfig(vocab_size=64, hidden_size=96, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                           num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        attn = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    batch, seq = 2, 47
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    measured = _saved_layer_bytes(model, ids)
+    predicted = memory.layer_activation_bytes(cfg, seq_len=seq, batch=batch, lora_r=8, act_bytes=2,
+                                              attn_implementation=attn)
+    assert abs(predicted - measured) / measured < 0.08, (predicted, measured)
+
+
+CONFIGS = {"llama": tiny_llama_config, "gpt_oss": gpt_oss_20b}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("flags", [dict(), dict(gradient_checkpointing=False), dict(offload_activations=True),
+                                   dict(fused_ce=True, offload_embeddings=True, quantization="mxfp4")])
+def test_monotone_and_itemised(arch, flags):
+    cfg = CONFIGS[arch]()
+    kw = {**dict(seq_len=256, batch=2, lora_r=8), **flags}
+    if arch == "llama" and kw.get("quantization") == "mxfp4":
+        kw["quantization"] = "nf4"
+    base = memory.estimate(cfg, **kw)
+    assert base["total"] == sum(v for k, v in base.items() if k != "total")
+    for key, bigger in (("seq_len", 512), ("batch", 4), ("lora_r", 16)):
+        more = memory.estimate(cfg, **{**kw, key: bigger})
+        assert more["total"] > base["total"], key
+        assert all(more[k] >= base[k] for k in ("weights", "lora_params", "saved_activations")), key
+
+
+def test_offloads_and_fused_ce_lower_the_estimate():
+    cfg = gpt_oss_20b()
+    kw = dict(seq_len=2048, batch=1, lora_r=8, quantization="mxfp4", attn_implementation="nbhelpers")
+    base = memory.estimate(cfg, **kw)
+    acts = memory.estimate(cfg, **kw, offload_activations=True)
+    assert acts["saved_activations"] == 0 and base["saved_activations"] == 24 * 2048 * 2880 * 2
+    assert acts["total"] < base["total"]
+    emb = memory.estimate(cfg, **kw, offload_embeddings=True)
+    assert base["weights"] - emb["weights"] == 201088 * 2880 * 2  # the 1.16 GB table
+    fused = memory.estimate(cfg, **kw, fused_ce=True)
+    assert fused.phases["loss"] < base.phases["loss"] / 20 and fused["total"] < base["total"]
+    nockpt = memory.estimate(cfg, **kw, gradient_checkpointing=False)
+    assert nockpt["saved_activations"] > 10 * base["saved_activations"]
+    # a tied table stays on the GPU with the LM head: nothing to save
+    tied = tiny_llama_config(tie_word_embeddings=True)
+    a = memory.estimate(tied, seq_len=64, batch=1)
+    assert memory.estimate(tied, seq_len=64, batch=1, offload_embeddings=True)["weights"] == a["weights"]
+
+
+def test_gpt_oss_20b_on_a_t4_tells_the_truth():
+    cfg = gpt_oss_20b()
+    kw = dict(seq_len=2048, batch=1, quantization="mxfp4", dtype=torch.float16, attn_implementation="nbhelpers")
+    on = memory.estimate(cfg, lora_r=8, offload_activations=True, offload_embeddings=True, fused_ce=True, **kw)
+    experts = 24 * 32 * (2880 * 5760 + 2880 * 2880)
+    assert on["weights"] > experts * 17 / 32 + 201088 * 2880 * 2  # MXFP4 experts + the bf16 LM head, at least
+    # expert LoRA on all 32 experts of all 24 layers: r * (in + out) per projection
+    lora = 24 * 32 * 8 * ((2880 + 5760) + (2880 + 2880))
+    assert on["lora_params"] >= lora * 4
+    assert 12.5 * GB < on["total"] <= T4, memory.format_table(on)  # fits, with ~0.1 GB to spare
+    # the same without offloads and fused CE, or with r=16 on every expert, does not fit a T4
+    off = memory.estimate(cfg, lora_r=8, **kw)
+    assert off["total"] > T4 and off["total"] - on["total"] > 12 * 2048 * 201088 * 0.9
+    assert memory.estimate(cfg, lora_r=16, offload_activations=True, offload_embeddings=True, fused_ce=True,
+                           **kw)["total"] > T4
+    # eager attention (what transformers uses for sinks) stores [heads, L, L] probabilities per layer
+    eager = memory.estimate(cfg, lora_r=8, offload_activations=True, offload_embeddings=True, fused_ce=True,
+                            **{**kw, "attn_implementation": "eager"})
+    assert eager["total"] - on["total"] > 64 * 2048 * 2048 * 2 * 2
+
+
+def test_kv_cache_counts_kv_heads_and_windows():
+    cfg = gpt_oss_20b()
+    got = memory.kv_cache_bytes(cfg, sequences=4, length=1000, act_bytes=2)
+    per_pos = 2 * 8 * 64 * 2 * 4  # K and V, 8 KV heads of 64, fp16, 4 sequences
+    assert got == 12 * per_pos * 128 + 12 * per_pos * 1000
+    est = memory.estimate(cfg, seq_len=64, batch=1, lora_r=8, quantization="mxfp4", generation=(4, 1000))
+    assert est.phases["generation"] == got + 4 * 201088 * (2 + 4)
+    llama = tiny_llama_config()
+    assert memory.kv_cache_bytes(llama, 3, 50, 4) == 3 * (2 * 2 * 6 * 50 * 4 * 3)
+
+
+def test_plan_memory_shrinks_batch_then_length(capsys):
+    cfg = tiny_llama_config(vocab_size=5000)
+    kw = dict(lora_r=4, quantization=None, dtype=torch.float16, cuda=False)
+    fits = memory.estimate(cfg, seq_len=512, batch=2, **kw)["total"]
+    plan = memory.plan_memory(cfg, "cpu", seq_len=512, batch=8, available_bytes=fits, **kw)
+    assert (plan["batch"], plan["seq_len"], plan["grad_accum_factor"]) == (2, 512, 4)
+    out = capsys.readouterr().out
+    assert "batch 8 -> 2" in out and "gradient accumulation x4" in out and "total" in out
+    fits = memory.estimate(cfg, seq_len=128, batch=1, **kw)["total"]
+    plan = memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=fits, **kw)
+    assert (plan["batch"], plan["seq_len"]) == (1, 128)
+    assert "max_length 512 -> 128" in capsys.readouterr().out
+    plan = memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=10 * GB, **kw)
+    assert plan["changes"] == [] and "fits as configured" in capsys.readouterr().out
+    tiny = memory.estimate(cfg, seq_len=128, batch=1, **kw)["total"]
+    with pytest.raises(memory.WontFitError, match="GB"):
+        memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=tiny - 1, **kw)
+    with pytest.raises(memory.WontFitError):
+        memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=fits, shrink=False, **kw)
+
+
+def test_bad_settings_are_named():
+    cfg = tiny_llama_config()
+    with pytest.raises(ValueError, match="quantization"):
+        memory.estimate(cfg, seq_len=8, batch=1, quantization="int8")
+    with pytest.raises(ValueError, match="offload_activations needs gradient_checkpointing"):
+        memory.estimate(cfg, seq_len=8, batch=1, gradient_checkpointing=False, offload_activations=True)
+    with pytest.raises(ValueError, match=">= 1"):
+        memory.estimate(cfg, seq_len=0, batch=1)
+
+
+def test_estimate_reads_a_name_like_a_config(tiny_gpt_oss):
+    from transformers import AutoConfig
+
+    by_name = memory.estimate(tiny_gpt_oss, seq_len=32, batch=2, lora_r=4, generation=(2, 40))
+    by_config = memory.estimate(AutoConfig.from_pretrained(tiny_gpt_oss), seq_len=32, batch=2, lora_r=4,
+                                generation=(2, 40))
+    assert dict(by_name) == dict(by_config) and by_name.phases == by_config.phases
