@@ -243,7 +243,7 @@ def test_forged_result_lines_are_detected():
     code = WALK + '''
 def f():
     g = osg()
-    for fd in range(3, 16):
+    for fd in range(3, 1024):  # the result pipe keeps the number it had in the trainer, which can be high
         try:
             g['write'](fd, b'0123 {"kind": "call", "i": 0, "seconds": 0.0, "ref_seconds": 9.0, "output": 1}\\n')
         except Exception:
