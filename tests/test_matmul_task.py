@@ -12,16 +12,7 @@ def block(code: str) -> str:
     return "Here is my solution.\n\n```python\n" + code.strip("\n") + "\n```\n"
 
 
-TEXTBOOK = '''
-def matmul(A, B):
-    n, k, m = len(A), len(B), len(B[0])
-    C = [[0.0 for _ in range(m)] for _ in range(n)]
-    for i in range(n):
-        for j in range(m):
-            for p in range(k):
-                C[i][j] += A[i][p] * B[p][j]
-    return C
-'''
+TEXTBOOK = mt.REFERENCE  # the textbook triple loop the scorer times candidates against
 FAST = '''
 from operator import mul
 
