@@ -41,7 +41,18 @@ def _kv_start_from_mask(mask: torch.Tensor, q_length: int) -> torch.Tensor | Non
 
 def nbhelpers_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                    mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Mask function for AttentionMaskInterface: the 2D mask becomes kv_start [B] (or None)."""
+    """Mask function for AttentionMaskInterface: the 2D mask becomes kv_start [B] (or None).
+
+    The kernel places query i at key position `Lk - Lq + i`: the keys must be the in-order run that ends at the last
+    query (a DynamicCache, sliding layers included). A static cache hands over its whole pre-allocated buffer (and
+    sliding layers a ring buffer), which would silently misplace the queries, so it is refused here.
+    """
+    if not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor) \
+            and kv_offset + kv_length != q_offset + q_length:
+        raise ValueError(
+            f"nbhelpers attention needs the keys to end at the last query (keys {kv_offset}..{kv_offset + kv_length}"
+            f", queries {q_offset}..{q_offset + q_length}): static KV caches are not supported; generate with the "
+            "default dynamic cache (cache_implementation=None), or use attn_implementation='sdpa' for a static one")
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:

@@ -63,7 +63,12 @@ def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
     """
     model = trainer.model
     device = next(model.parameters()).device
-    settings = rollout_settings(device, compile=compile)
+    if getattr(model.config, "_attn_implementation", None) == "nbhelpers":
+        # our decode kernel reads a dynamic cache (keys in order, kv_start per row); it refuses a static one
+        print("attention 'nbhelpers': dynamic KV cache and eager decode steps (no static cache / CUDA graphs)")
+        settings = rollout_settings(device, static_cache=False, compile=False)
+    else:
+        settings = rollout_settings(device, compile=compile)
     if "compile_config" in settings and not _compile_works(model, trainer.processing_class, settings):
         settings = rollout_settings(device, compile=False)
     config = trainer.generation_config
