@@ -114,7 +114,10 @@ def main() -> int:
         prepare_for_rollouts(model, tokenizer)
     enc = prompts(args, model, tokenizer, device)
     compile_ = device.type == "cuda" and not args.no_compile
-    fast_settings = rollout_settings(device, compile=compile_)
+    if args.attn == "nbhelpers":  # our decode kernel reads a dynamic cache; static ones are refused
+        fast_settings = rollout_settings(device, static_cache=False, compile=False)
+    else:
+        fast_settings = rollout_settings(device, compile=compile_)
     results = {}
     for name, settings, attn in (("plain", {}, None), ("fast", fast_settings, args.attn)):
         if attn is not None:
