@@ -104,3 +104,17 @@ def test_merge_matches_trained_model(tiny_llama):
         got = merged(ids).logits
     assert (expected - base_only).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_subpackage_is_listed_for_a_regular_install():
+    """pyproject lists packages by hand (kernels/ is mapped to nbhelpers.kernels): a subpackage missing from that
+    list works in the editable install used here but is left out of a plain `pip install` (Colab)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"nbhelpers" + ".".join([""] + list(p.parent.relative_to(root / "nbhelpers").parts))
+             for p in (root / "nbhelpers").rglob("__init__.py")}
+    found |= {"nbhelpers.kernels" + ".".join([""] + list(p.parent.relative_to(root / "kernels").parts))
+              for p in (root / "kernels").rglob("__init__.py")}
+    assert found == listed, f"packages on disk {sorted(found)} != listed in pyproject {sorted(listed)}"
