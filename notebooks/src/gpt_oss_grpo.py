@@ -303,22 +303,18 @@ print("matmul scores of these completions:", [round(t, 2) for t in after_matmul]
 # %% [markdown]
 # ## Save
 # `adapter/` is the LoRA adapter (peft format). `merged/` folds it into the base weights, saved in 16-bit: plain
-# `AutoModelForCausalLM.from_pretrained` loads it. With the package's QAT exporter, `mxfp4/` is the merged model
-# with its experts back in gpt-oss's MXFP4 format.
+# `AutoModelForCausalLM.from_pretrained` loads it. `mxfp4/` is the merged model with its experts back in gpt-oss's
+# MXFP4 format (the QAT notebook's exporter).
 
 # %%
 nb.save_adapter(model, out / "adapter", tokenizer)
 merged = nb.merge_lora(model, dtype=torch.float16 if dtype == torch.float32 else dtype)
 nb.save_merged(merged, out / "merged", tokenizer)
-try:
-    from nbhelpers import qat
-except ImportError:
-    qat = None
-if qat is not None and hasattr(qat, "export_gpt_oss_mxfp4") and merged.config.model_type == "gpt_oss":
-    qat.export_gpt_oss_mxfp4(merged, out / "mxfp4", tokenizer=tokenizer)
+if merged.config.model_type == "gpt_oss":
+    from nbhelpers.qat import export_gpt_oss_mxfp4
+
+    export_gpt_oss_mxfp4(merged, out / "mxfp4", tokenizer=tokenizer)
     print("MXFP4 export:", out / "mxfp4")
-else:
-    print("MXFP4 export: not available in this version of nbhelpers (needs nbhelpers.qat)")
 
 # %% [markdown]
 # ## Metrics
