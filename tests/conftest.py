@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +48,17 @@ def tiny_gpt_oss():
     from nbhelpers.tiny import build_tiny
 
     return build_tiny("gpt_oss")
+
+
+@pytest.fixture
+def rerun_under_interpreter():
+    """Run a test file's tests matching `keyword` in a child pytest with TRITON_INTERPRET=1 set before triton is
+    imported there (so the kernels and triton.language's helpers are all interpreted); asserts they pass."""
+    def run(test_file: str, keyword: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert "failed" not in proc.stdout
+
+    return run

@@ -28,12 +28,8 @@ def ce(request):
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")
-def test_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "failed" not in proc.stdout
+def test_under_triton_interpreter(rerun_under_interpreter):
+    rerun_under_interpreter(__file__, "triton")
 
 
 def make(seed=0, ignore_frac=0.3, bias=True):

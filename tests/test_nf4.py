@@ -1,8 +1,5 @@
 """NF4 decode bit-exact vs bitsandbytes; the NF4 LoRA linear vs plain-torch autograd; peft integration on a tiny
 NF4 Llama; AOT builds of the decode kernel. The Triton path runs in a child process with the interpreter on."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,12 +17,8 @@ DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")
-def test_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "failed" not in proc.stdout
+def test_under_triton_interpreter(rerun_under_interpreter):
+    rerun_under_interpreter(__file__, "triton")
 
 
 def bits(t):
