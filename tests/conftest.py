@@ -56,8 +56,8 @@ def rerun_under_interpreter():
     imported there (so the kernels and triton.language's helpers are all interpreted); asserts they pass."""
     def run(test_file: str, keyword: str) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword],
-                              capture_output=True, text=True, env=env, timeout=600)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
         assert "failed" not in proc.stdout
 
