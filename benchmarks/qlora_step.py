@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import shlex
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sft_step import load_plain, save_random_model, sync, train_step  # noqa: E402
+from sft_step import bench_path, load_plain, save_random_model  # noqa: E402
 
 from nbhelpers.env import pick_device, pick_dtype  # noqa: E402
 
-MB = 2**20
 
 
 def llama3_8b_config(layers: int, quick: bool):
@@ -57,35 +54,10 @@ def load(name, path, dtype, device):
 
 
 def bench(name, path, batch, args, dtype, device):
-    cuda = device.type == "cuda"
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(0)
-    model = load(name, path, dtype, device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    for _ in range(args.warmup):
-        train_step(model, opt, batch)
-    sync(device)
-    if cuda:
-        weights = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = train_step(model, opt, batch)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    res = {"path": name, "tokens_per_s": batch.numel() * args.steps / seconds, "loss": loss,
-           "peak_mb": torch.cuda.max_memory_allocated() / MB if cuda else None,
-           "steady_mb": weights / MB if cuda else None}
-    del model, opt, params
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return res
+    r = bench_path(name, path, batch, args, dtype, device, loader=lambda p, d, dev: load(name, p, d, dev), lr=1e-5,
+                   seed=0, peak_after_warmup=True)
+    return {"path": name, "tokens_per_s": r["tokens_per_s"], "loss": r["loss"], "peak_mb": r["peak_allocated_mb"],
+            "steady_mb": r["steady_mb"]}
 
 
 def main(argv=None):

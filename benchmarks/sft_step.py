@@ -116,21 +116,29 @@ def train_step(model, optimizer, batch: torch.Tensor) -> float:
     return loss.item()
 
 
-def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dtype, device: torch.device) -> dict:
+def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dtype, device: torch.device,
+               loader=None, lr: float = 1e-4, seed: int = SEED, peak_after_warmup: bool = False) -> dict:
+    """Time `args.steps` training steps after `args.warmup`; `loader(path, dtype, device)` defaults to PATHS[name].
+
+    Peak memory counts loading and warm-up too, unless `peak_after_warmup` (then it is the timed steps' peak, and
+    `steady_mb` is what stays allocated after warm-up)."""
     cuda = device.type == "cuda"
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(SEED)  # same LoRA init in both paths
-    model = PATHS[name](path, dtype, device)
+    torch.manual_seed(seed)  # same LoRA init in both paths
+    model = (loader or PATHS[name])(path, dtype, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=lr)
 
     for _ in range(args.warmup):
         train_step(model, optimizer, batch)
     sync(device)
+    steady_mb = torch.cuda.memory_allocated(device) / MB if cuda else None
+    if cuda and peak_after_warmup:
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = train_step(model, optimizer, batch)  # .item() syncs too, once per step, in both paths alike
@@ -140,7 +148,8 @@ def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dty
     result = {"path": name, "tokens_per_s": batch.numel() * args.steps / seconds, "seconds": seconds,
               "loss": loss, "trainable_params": sum(p.numel() for p in params),
               "peak_allocated_mb": torch.cuda.max_memory_allocated(device) / MB if cuda else None,
-              "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / MB if cuda else None}
+              "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / MB if cuda else None,
+              "steady_mb": steady_mb}
     del model, optimizer, params
     gc.collect()
     if cuda:
