@@ -37,7 +37,7 @@ PRESETS = {
             learning_rate=2e-4, qat_learning_rate=1e-4, lora_r=16, lora_alpha=32, max_length=1024,
             max_new_tokens=256, gradient_checkpointing=True, logging_steps=5),
         "tiny": dict(
-            model_name="tiny:gpt_oss", dataset_name="synthetic:multilingual", fmt="mxfp4", qat_mode="lora",
+            model_name="tiny:gpt_oss_mxfp4", dataset_name="synthetic:multilingual", fmt="mxfp4", qat_mode="lora",
             n_train=400, n_eval=16, max_steps=60, qat_steps=30, batch_size=8, grad_accum=1, learning_rate=1e-2,
             qat_learning_rate=5e-3, lora_r=16, lora_alpha=64, max_length=256, max_new_tokens=16,
             gradient_checkpointing=False, logging_steps=5),

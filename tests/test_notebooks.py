@@ -147,6 +147,8 @@ def test_gpt_oss_qat_tiny_beats_ptq_and_exports(runs_root):
           f"QAT {metrics['qat_eval_loss']:.4f}, export {metrics['export_eval_loss']:.4f}", file=sys.stderr)
     assert metrics["qat_eval_loss"] < metrics["ptq_eval_loss"]
     assert metrics["sft_eval_loss"] < metrics["base_eval_loss"]
+    # the tiny preset runs LoRA-QAT as a T4 would: the base experts stay the checkpoint's MXFP4 bytes
+    assert metrics["qat_mode"] == "lora" and metrics["expert_module"] == "Mxfp4Experts"
     export = out / "mxfp4"
     config = json.loads((export / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mxfp4"

@@ -212,6 +212,38 @@ def test_grouped_matmul_matches_autograd_reference(fmt):
     assert torch.equal(grads[1][1], torch.zeros(i, o))  # an expert no token reached gets no gradient
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_grouped_matmul_on_frozen_mxfp4_experts_matches_autograd_reference(fmt):
+    """LoRA-QAT's base held as MXFP4 bytes (`Mxfp4Weights`, decoded per expert) vs autograd through `fake_quantize`
+    on the independently decoded dense weights (transformers' decoder); gradients reach x and the LoRA factors."""
+    from nbhelpers.qat.train import Mxfp4Weights
+
+    g = torch.Generator().manual_seed(14)
+    E, i, o, r = 3, 96, 20, 4
+    counts = [4, 3, 0]
+    blocks = torch.randint(0, 256, (E, o, i // 32, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 126, (E, o, i // 32), dtype=torch.uint8, generator=g)
+    dense = torch.stack([transformers_decode(blocks[e], scales[e]).t() for e in range(E)])  # [E, in, out]
+    x = torch.randn(7, i, generator=g, requires_grad=True)
+    lora = _lora(E, i, o, r, g)
+    lora["lhs"].data *= 0.05  # a delta of the size of a few quantization steps
+    y = fq_grouped_matmul(x, Mxfp4Weights(blocks, scales), counts, fmt, lora)
+    dy = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, (x, lora["lhs"], lora["rhs"]), dy)
+    ys, start = [], 0
+    for e, n in enumerate(counts):
+        merged = dense[e] + lora["scaling"] * lora["lhs"][e] @ lora["rhs"][e]
+        ys.append(x[start:start + n] @ fake_quantize(merged.t(), fmt).t())
+        start += n
+    ref = torch.cat(ys)
+    ref_grads = torch.autograd.grad(ref, (x, lora["lhs"], lora["rhs"]), dy)
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5), (y - ref).abs().max()
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (a - b).abs().max()
+    plain = torch.cat([x[:4] @ dense[0], x[4:7] @ dense[1]])
+    assert (y - plain).abs().max() > 1e-3  # the delta moved some weights to other grid points
+
+
 # ------------------------------------------------------------------ on a tiny gpt-oss
 @pytest.fixture(scope="module")
 def gpt_oss_path(tiny_gpt_oss):
@@ -483,3 +515,111 @@ def test_plan_qat_picks_lora_when_full_does_not_fit(gpt_oss_path):
     assert plan["mode"] == "full" and plan["full_bytes"] > plan["lora_bytes"]
     assert plan_qat(config, plan["full_bytes"] - 1, seq_len=64, batch=1, lora_r=8,
                     dtype=torch.bfloat16)["mode"] == "lora"
+
+
+# ------------------------------------------------------------------ LoRA-QAT on the checkpoint's MXFP4 bytes
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4_path():
+    from nbhelpers.tiny import build_tiny
+
+    return build_tiny("gpt_oss_mxfp4")
+
+
+def _mxfp4_lora_model(path, seed=0):
+    """Tiny gpt-oss with `Mxfp4Experts` (uint8 bytes) and LoRA; expert LoRA B random, attention LoRA B zero."""
+    from nbhelpers.loading import add_lora, load_model
+
+    torch.manual_seed(seed)
+    model, _ = load_model(str(path), quantization="mxfp4", dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=4, alpha=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_gate_up_B" in n or "lora_down_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _mxfp4_lora_deltas(peft_model):
+    """HF-layout [E, in, out] deltas s * (B @ A)^T of every layer's expert LoRA."""
+    deltas = {}
+    for i, layer in enumerate(peft_model.base_model.model.model.layers):
+        (A1, B1, A2, B2, s), = layer.mlp.experts.lora.adapters()
+        deltas[(i, "gate_up_proj")] = (s * (B1 @ A1)).transpose(1, 2).detach()
+        deltas[(i, "down_proj")] = (s * (B2 @ A2)).transpose(1, 2).detach()
+    return deltas
+
+
+def test_lora_qat_on_mxfp4_experts_matches_eager_and_trains_only_the_adapter(gpt_oss_mxfp4_path):
+    """Base experts stay the checkpoint's uint8 bytes; the forward equals transformers' eager experts holding
+    fq(decode(W) + delta) (transformers' own MXFP4 decoder); only LoRA factors get gradients, in every layer."""
+    from nbhelpers.mxfp4_experts import Mxfp4Experts
+
+    ids = _ids(seed=11)
+    model = _mxfp4_lora_model(gpt_oss_mxfp4_path)
+    experts = [m for m in model.modules() if isinstance(m, Mxfp4Experts)]
+    before = [m.gate_up_proj_blocks.clone() for m in experts]
+    with torch.no_grad():
+        sft = model(ids).logits
+    prepare_qat(model, "mxfp4")
+    with torch.no_grad():
+        out = model(ids).logits
+        with qat_disabled(model):
+            again = model(ids).logits
+    ref_model = _mxfp4_reload(gpt_oss_mxfp4_path)
+    _set_experts_to_fq(ref_model, "mxfp4", _mxfp4_lora_deltas(model))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    assert (out - ref).abs().max() < 5e-5, (out - ref).abs().max()
+    assert torch.equal(again, sft)  # qat_disabled gives back the plain MXFP4 + LoRA forward
+    assert (out - sft).abs().max() > 1e-3  # and fake-quant of W + delta really differs from it
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert all("lora_" in n for n in trained)
+    for i in range(len(experts)):
+        for f in ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"):
+            assert any(f"layers.{i}.mlp.experts.lora.{f}" in n for n in trained), (i, f)
+    assert all(m.gate_up_proj_blocks.dtype == torch.uint8 and torch.equal(m.gate_up_proj_blocks, b)
+               for m, b in zip(experts, before))
+    with pytest.raises(ValueError, match="frozen MXFP4 bytes"):
+        prepare_qat(_mxfp4_lora_model(gpt_oss_mxfp4_path).get_base_model(), "mxfp4", trainable=True)
+
+
+def test_export_of_lora_qat_on_mxfp4_experts_round_trips(gpt_oss_mxfp4_path, tmp_path):
+    """Export merges the expert LoRA into the decoded MXFP4 experts and re-quantizes with the training quantizer:
+    the stored bytes decode to exactly what the QAT forward multiplied by, and transformers' loader gives its logits.
+    Without LoRA the export re-encodes the checkpoint losslessly."""
+    from safetensors.torch import load_file
+
+    from nbhelpers.loading import load_model
+    from nbhelpers.qat.train import experts_weight_and_lora
+
+    ids = _ids(seed=12)
+    model = prepare_qat(_mxfp4_lora_model(gpt_oss_mxfp4_path, seed=3), "mxfp4")
+    with torch.no_grad():
+        out = model(ids).logits
+    export_gpt_oss_mxfp4(model, tmp_path / "mx")
+    index = json.loads((tmp_path / "mx" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any("lora" in k for k in index)
+    tensors = {}
+    for f in set(index.values()):
+        tensors.update(load_file(str(tmp_path / "mx" / f)))
+    ex = model.base_model.model.model.layers[0].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        w, lora = experts_weight_and_lora(ex, name)
+        blocks = tensors[f"model.layers.0.mlp.experts.{name}_blocks"]
+        scales = tensors[f"model.layers.0.mlp.experts.{name}_scales"]
+        for e in range(w.shape[0]):
+            assert torch.equal(expert_weight_fq(w, e, lora, "mxfp4", torch.float32),
+                               mxfp4_dequantize(blocks[e], scales[e], torch.float32).t())
+    with torch.no_grad():
+        again = _mxfp4_reload(tmp_path / "mx")(ids).logits
+    assert (again - out).abs().max() < 2e-5, (again - out).abs().max()
+
+    plain, _ = load_model(str(gpt_oss_mxfp4_path), quantization="mxfp4", dtype=torch.float32, device="cpu")
+    export_gpt_oss_mxfp4(plain, tmp_path / "plain")
+    original, exported = _mxfp4_reload(gpt_oss_mxfp4_path), _mxfp4_reload(tmp_path / "plain")
+    for a, b in zip(original.model.layers, exported.model.layers):
+        assert torch.equal(a.mlp.experts.gate_up_proj, b.mlp.experts.gate_up_proj)
+        assert torch.equal(a.mlp.experts.down_proj, b.mlp.experts.down_proj)

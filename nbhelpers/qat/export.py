@@ -1,7 +1,7 @@
 """Exporters that store exactly what QAT trained: gpt-oss MXFP4 (the official layout) and an NVFP4 variant.
 
 Both stream one decoder layer at a time (host RAM about one layer plus the embeddings), fold LoRA into the weights
-first (the expert LoRA with `merged_expert_weight`, the function the QAT forward uses, so the bytes written are the
+first (MXFP4-held experts, `Mxfp4Experts`, are decoded one expert at a time, their LoRA added, and re-quantized) (the expert LoRA with `merged_expert_weight`, the function the QAT forward uses, so the bytes written are the
 bytes training simulated), and copy everything else.
 
 MXFP4 (`export_gpt_oss_mxfp4`): per layer `mlp.experts.gate_up_proj_blocks` uint8 `[E, 2I, H/32, 16]`,
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .formats import fake_quantize_values, quantize
-from .train import EXPERT_PARAMS, _base, _is_experts, active_lora, expert_param_and_lora, linear_weight, \
+from .train import EXPERT_PARAMS, _base, _is_experts, active_lora, experts_weight_and_lora, linear_weight, \
     merged_expert_weight
 
 GPT_OSS_QUANTIZATION_CONFIG = {
@@ -54,7 +54,7 @@ def quantized_experts(experts_outer, fmt: str = "mxfp4") -> dict[str, torch.Tens
     out = {}
     with active_lora(experts_outer):
         for name in EXPERT_PARAMS:
-            w, lora = expert_param_and_lora(base, name)
+            w, lora = experts_weight_and_lora(base, name)
             parts = [quantize(merged_expert_weight(w, e, lora), fmt) for e in range(w.shape[0])]
             if fmt == "mxfp4":
                 out[f"{name}_blocks"] = torch.stack([p[0] for p in parts]).cpu()

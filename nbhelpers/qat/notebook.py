@@ -8,6 +8,7 @@ import torch
 
 from ..data import NUMBER_WORDS
 from .formats import fake_quantize_values
+from ..mxfp4_experts import Mxfp4Experts
 from .train import EXPERT_PARAMS, _base, _is_experts
 
 # Frequent function words per language (the languages of HuggingFaceH4/Multilingual-Thinking), plus the toy
@@ -82,7 +83,7 @@ def snap_experts_to_grid_(model, fmt: str = "mxfp4") -> int:
     """
     changed = 0
     for module in model.modules():
-        if not _is_experts(module):
+        if not _is_experts(module) or isinstance(module, Mxfp4Experts):  # MXFP4 bytes are on the grid already
             continue
         for name in EXPERT_PARAMS:
             p = getattr(_base(module), name)
@@ -95,17 +96,22 @@ def snap_experts_to_grid_(model, fmt: str = "mxfp4") -> int:
 
 def plan_qat(config, available_bytes: int, *, seq_len: int, batch: int, lora_r: int, dtype: torch.dtype,
              gradient_checkpointing: bool = True) -> dict:
-    """Full QAT (expert master weights train, AdamW states for them) if it fits, else LoRA-QAT.
+    """Full QAT (expert master weights in `dtype` train, AdamW states for them) if it fits, else LoRA-QAT.
 
-    Returns {"mode": "full" | "lora", "full_bytes", "lora_bytes", "available_bytes"}.
+    LoRA-QAT keeps gpt-oss's experts as the checkpoint's MXFP4 bytes (frozen; `load_model(..., quantization="mxfp4")`)
+    and trains LoRA on attention and every expert. Returns {"mode": "full" | "lora", "full_bytes", "lora_bytes",
+    "available_bytes"}.
     """
     from ..memory import _count, estimate
 
-    lora = estimate(config, seq_len=seq_len, batch=batch, lora_r=lora_r, quantization=None, dtype=dtype,
-                    gradient_checkpointing=gradient_checkpointing)["total"]
+    kw = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+    mxfp4 = getattr(config, "model_type", None) == "gpt_oss"
+    lora = estimate(config, quantization="mxfp4" if mxfp4 else None, **kw)["total"]
+    # the QAT forward/backward rebuild one expert matrix at a time: decoded, merged, fake-quantized, its gradient
+    lora += 4 * 4 * 2 * getattr(config, "intermediate_size", 0) * getattr(config, "hidden_size", 0)
     experts = _count(config)["experts"]
-    # experts' gradient in the master dtype + two fp32 AdamW moments
-    full = lora + experts * (torch.finfo(dtype).bits // 8 + 8)
+    # dense master experts in `dtype`, their gradient in `dtype`, two fp32 AdamW moments
+    full = estimate(config, quantization=None, **kw)["total"] + experts * (torch.finfo(dtype).bits // 8 + 8)
     return {"mode": "full" if full <= available_bytes else "lora", "full_bytes": full, "lora_bytes": lora,
             "available_bytes": available_bytes}
 

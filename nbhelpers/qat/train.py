@@ -13,6 +13,10 @@ forward and backward rebuild one expert's Wq at a time; the backward is straight
 peft attaches expert LoRA as a parametrization (`nn.utils.parametrize`) that it registers around each forward; the
 QAT forward reads `parametrizations[name].original` and the LoRA terms from it instead of letting peft materialise
 `W + dW` for the whole expert stack.
+
+LoRA-QAT on a small GPU keeps the base experts as the checkpoint's MXFP4 bytes (`Mxfp4Experts`, frozen uint8): the
+same Function then decodes one expert at a time (`Mxfp4Weights`), adds its LoRA term and fake-quantizes the sum, so
+the bf16 expert stack never exists (gpt-oss-20b: 12.8 GB of experts in bf16, 3.2 GB as MXFP4 bytes).
 """
 from __future__ import annotations
 
@@ -23,12 +27,31 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..kernels.mxfp4 import dequantize_mxfp4
+from ..kernels.moe import gpt_oss_swiglu, sort_routes
+from ..mxfp4_experts import Mxfp4Experts
 from .formats import BLOCK_SIZE, check_format, fake_quantize, fake_quantize_values
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 # ---------------------------------------------------------------- the merged expert weight (training == export)
+class Mxfp4Weights:
+    """A frozen MXFP4 expert stack (blocks `[E, out, in/32, 16]`, scales `[E, out, in/32]`) read like an HF-layout
+    `[E, in, out]` tensor: `w[e]` decodes expert e alone (fp32, exact), so nothing the size of the stack is built."""
+
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
+        if blocks.dim() != 4 or blocks.shape[-1] != 16 or scales.shape != blocks.shape[:-1]:
+            raise ValueError(f"expected MXFP4 blocks [E, out, in/32, 16] and scales [E, out, in/32], found "
+                             f"{tuple(blocks.shape)} and {tuple(scales.shape)}")
+        self.blocks, self.scales = blocks, scales
+        E, out, groups, _ = blocks.shape
+        self.shape = torch.Size((E, groups * 32, out))
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return dequantize_mxfp4(self.blocks[e], self.scales[e], torch.float32).t()
+
+
 def merged_expert_weight(w: torch.Tensor, e: int, lora: dict | None) -> torch.Tensor:
     """Expert e of a `[E, in, out]` stack with its LoRA terms added, in fp32, as `[out, in]` (quantization layout).
 
@@ -60,13 +83,16 @@ class _FakeQuantGroupedMatmul(torch.autograd.Function):
             if n:
                 y[start:start + n] = x[start:start + n] @ expert_weight_fq(w, e, lora, fmt, x.dtype)
                 start += n
-        ctx.save_for_backward(x, w, lhs, rhs, delta)
+        frozen = not torch.is_tensor(w)  # Mxfp4Weights: frozen bytes, kept by reference (no gradient)
+        ctx.save_for_backward(x, None if frozen else w, lhs, rhs, delta)
+        ctx.frozen = w if frozen else None
         ctx.scaling, ctx.counts, ctx.fmt = scaling, counts, fmt
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w, lhs, rhs, delta = ctx.saved_tensors
+        w = ctx.frozen if ctx.frozen is not None else w
         lora = {"lhs": lhs, "rhs": rhs, "delta": delta, "scaling": ctx.scaling}
         need_x, need_w, need_lhs, need_rhs, need_delta = ctx.needs_input_grad[:5]
         dx = torch.empty_like(x) if need_x else None
@@ -96,6 +122,8 @@ class _FakeQuantGroupedMatmul(torch.autograd.Function):
 
 
 def fq_grouped_matmul(x, w, counts, fmt, lora: dict | None = None):
+    """Rows of x sorted by expert (`counts[e]` each) times fq(W_e + s * lhs_e @ rhs_e); w is an `[E, in, out]`
+    tensor (trainable in full QAT) or `Mxfp4Weights` (frozen); lora = {"lhs", "rhs", "scaling", "delta"} or None."""
     lora = lora or {}
     return _FakeQuantGroupedMatmul.apply(x, w, lora.get("lhs"), lora.get("rhs"), lora.get("delta"),
                                          float(lora.get("scaling", 1.0)), tuple(int(c) for c in counts), fmt)
@@ -118,6 +146,26 @@ def expert_param_and_lora(module, name: str) -> tuple[torch.Tensor, dict | None]
             raise TypeError(f"QAT cannot read parametrization {type(p).__name__} on experts.{name}: expected peft's "
                             "LoRA proxies (with lhs/rhs/scaling or delta_weight)")
     return plist.original, lora
+
+
+def mxfp4_expert_lora(module: Mxfp4Experts, name: str) -> dict | None:
+    """The active LoRA of an `Mxfp4Experts` projection as HF-layout terms: delta_e = s * A_e^T B_e^T `[in, out]`."""
+    adapters = module.lora.adapters() if module.lora is not None else []
+    if not adapters:
+        return None
+    if len(adapters) > 1:
+        raise ValueError(f"QAT supports one active adapter on MXFP4 experts, found {len(adapters)}")
+    A1, B1, A2, B2, scaling = adapters[0]
+    A, B = (A1, B1) if name == "gate_up_proj" else (A2, B2)
+    return {"lhs": A.transpose(1, 2), "rhs": B.transpose(1, 2), "delta": None, "scaling": float(scaling)}
+
+
+def experts_weight_and_lora(module, name: str):
+    """(weight, lora) of expert projection `name` for HF experts (tensor) and `Mxfp4Experts` (`Mxfp4Weights`)."""
+    if isinstance(module, Mxfp4Experts):
+        return (Mxfp4Weights(getattr(module, f"{name}_blocks"), getattr(module, f"{name}_scales")),
+                mxfp4_expert_lora(module, name))
+    return expert_param_and_lora(module, name)
 
 
 def lora_wrappers(module) -> list:
@@ -160,6 +208,24 @@ def qat_experts_forward(self, hidden_states, router_indices=None, routing_weight
     return next_states.index_add_(0, token, out.to(hidden_states.dtype))
 
 
+def qat_mxfp4_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
+    """`Mxfp4Experts`' computation with every routed expert at fq(decode(blocks, scales) + s * B @ A) (LoRA-QAT)."""
+    fmt = self.nbhelpers_qat
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, self.hidden_size)
+    if routing_weights.shape != router_indices.shape:  # older transformers pass dense scores [T, E]
+        routing_weights = routing_weights.gather(-1, router_indices.long())
+    order, token, counts = sort_routes(router_indices, self.num_experts)
+    experts = router_indices.reshape(-1).long()[order]
+    w, lora = experts_weight_and_lora(self, "gate_up_proj")
+    h = fq_grouped_matmul(x[token], w, counts, fmt, lora) + self.gate_up_proj_bias[experts]
+    act = gpt_oss_swiglu(h, self.alpha, self.limit)
+    w, lora = experts_weight_and_lora(self, "down_proj")
+    out = fq_grouped_matmul(act, w, counts, fmt, lora) + self.down_proj_bias[experts]
+    out = out * routing_weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)).reshape(shape)
+
+
 def linear_weight(module) -> torch.Tensor:
     """The weight a (peft LoRA or plain) linear computes with: W + sum of active adapters' s * B @ A."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
@@ -179,7 +245,13 @@ def qat_linear_forward(self, x, *args, **kwargs):
 
 # ---------------------------------------------------------------- prepare / remove
 def _is_experts(module) -> bool:
-    return type(module).__name__ == "GptOssExperts" and all(hasattr(module, n) for n in EXPERT_PARAMS)
+    """gpt-oss routed experts: transformers' `GptOssExperts` (dense master weights) or our `Mxfp4Experts`."""
+    return isinstance(module, Mxfp4Experts) or (type(module).__name__ == "GptOssExperts"
+                                                and all(hasattr(module, n) for n in EXPERT_PARAMS))
+
+
+def _experts_forward(module):
+    return qat_mxfp4_experts_forward if isinstance(module, Mxfp4Experts) else qat_experts_forward
 
 
 def _base(module):
@@ -200,7 +272,8 @@ def prepare_qat(model, fmt: str = "mxfp4", targets="experts", trainable: bool | 
     `["*.experts", "*.mlp.down_proj"]`) matching experts modules or nn.Linear (peft LoRA linears included).
     Full QAT: call on a model without LoRA and the expert master weights train (set `trainable=True`, the default
     when the model has no peft adapters). LoRA-QAT: call on a peft model; the base stays frozen and the forward
-    fake-quantizes `W + s * B @ A`. Works for both formats: blocks of 32 (mxfp4) or 16 (nvfp4) along the input dim.
+    fake-quantizes `W + s * B @ A`; with `Mxfp4Experts` (`load_model(..., quantization="mxfp4")`) the frozen base
+    is the checkpoint's MXFP4 bytes. Works for both formats: blocks of 32 (mxfp4) or 16 (nvfp4) along the input dim.
     """
     check_format(fmt)
     block = BLOCK_SIZE[fmt]
@@ -221,11 +294,11 @@ def prepare_qat(model, fmt: str = "mxfp4", targets="experts", trainable: bool | 
             continue
         if kind == "experts":
             for p in EXPERT_PARAMS:
-                w, _ = expert_param_and_lora(module, p)
+                w, _ = experts_weight_and_lora(module, p)
                 if w.shape[1] % block:
                     raise ValueError(f"{clean}.{p}: input dim {w.shape[1]} is not a multiple of the {fmt} block "
                                      f"{block} (HF layout [E, in, out], found {tuple(w.shape)})")
-            module.forward = types.MethodType(qat_experts_forward, module)
+            module.forward = types.MethodType(_experts_forward(module), module)
         else:
             if _base(module).in_features % block:
                 raise ValueError(f"{clean}: in_features {_base(module).in_features} is not a multiple of the "
@@ -237,6 +310,11 @@ def prepare_qat(model, fmt: str = "mxfp4", targets="experts", trainable: bool | 
         raise ValueError(f"prepare_qat found no module matching targets={targets!r} (gpt-oss experts or nn.Linear)")
     if trainable is None:
         trainable = not hasattr(model, "peft_config")
+    frozen = [n for n, m in hits if isinstance(m, Mxfp4Experts)]
+    if trainable and frozen:
+        raise ValueError(f"full QAT needs trainable expert weights, but {frozen[0]} (and {len(frozen) - 1} more) hold "
+                         "frozen MXFP4 bytes (Mxfp4Experts); load with quantization=None for full QAT, or add LoRA "
+                         "(nbhelpers.add_lora) for LoRA-QAT")
     if trainable:
         for _, module in hits:
             for p in (EXPERT_PARAMS if _is_experts(module) else ("weight",)):
@@ -263,4 +341,4 @@ def qat_disabled(model):
     finally:
         for n, m in saved.items():
             m.nbhelpers_qat = fmts[n]
-            m.forward = types.MethodType(qat_experts_forward if _is_experts(m) else qat_linear_forward, m)
+            m.forward = types.MethodType(_experts_forward(m) if _is_experts(m) else qat_linear_forward, m)

@@ -21,9 +21,11 @@
 # NVFP4 (E4M3 scale per 16 + an FP32 tensor scale).
 #
 # `preset="full"` fine-tunes `openai/gpt-oss-20b` on `HuggingFaceH4/Multilingual-Thinking` (reason in the language
-# the user asks for). It keeps the experts in bf16 while training (about 42 GB of weights: an A100/H100 80 GB; the
-# memory check below stops early on smaller GPUs). `preset="tiny"` runs the same code on CPU with a tiny gpt-oss and
-# a synthetic multilingual task.
+# the user asks for). The memory planner picks the variant: **full QAT** trains the expert weights themselves in bf16
+# (about 42 GB of weights plus their optimizer state: an 80 GB GPU), **LoRA-QAT** keeps the checkpoint's MXFP4 expert
+# bytes frozen (3.2 GB instead of 12.8 GB in bf16) and trains LoRA on attention and every expert. `preset="tiny"` runs
+# the same code on CPU with a tiny gpt-oss stored like the real checkpoint (MXFP4 experts) and a synthetic
+# multilingual task.
 #
 # [Open in Colab]({{COLAB_URL}}) · Repository: {{REPO_URL}}
 
@@ -33,7 +35,7 @@
 
 # %% tags=["parameters"]
 preset = "full"  # "full": gpt-oss-20b + hub dataset on a GPU; "tiny": tiny local gpt-oss + synthetic task on CPU
-model_name = None  # full: "openai/gpt-oss-20b"; tiny: "tiny:gpt_oss"
+model_name = None  # full: "openai/gpt-oss-20b"; tiny: "tiny:gpt_oss_mxfp4"
 dataset_name = None  # full: "HuggingFaceH4/Multilingual-Thinking"; tiny: "synthetic:multilingual"
 fmt = None  # "mxfp4" (gpt-oss's format, default) or "nvfp4": the one switch for the NVFP4 variant
 qat_mode = None  # "auto" (memory planner picks), "lora" (LoRA-QAT, base frozen) or "full" (expert weights train)
@@ -80,35 +82,45 @@ print(cfg)
 
 # %% [markdown]
 # ## Will it fit? Full QAT or LoRA-QAT
-# The estimate comes from the config alone. Full QAT also keeps a gradient and two AdamW moments for every expert
-# weight; when that does not fit, LoRA-QAT trains only the adapters (the base experts stay frozen).
+# The estimate comes from the config alone. Full QAT holds the experts in `dtype` and keeps a gradient and two AdamW
+# moments for every expert weight. LoRA-QAT holds the experts as the checkpoint's MXFP4 bytes (frozen) and trains
+# only the adapters; its forward rebuilds one expert at a time as `fq(decode(W) + s·B·A)`. The planner picks full QAT
+# when it fits, then the check stops here (with the itemised estimate) if even the chosen variant does not.
 
 # %%
-estimate = nb.check_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batch=cfg["batch_size"],
-                           lora_r=cfg["lora_r"], quantization=None, dtype=dtype,
-                           gradient_checkpointing=cfg["gradient_checkpointing"])
+config = nb.loading.load_config(cfg["model_name"])
 total_bytes, free_bytes = nb.env.device_memory(device)
-plan = qat.plan_qat(nb.loading.load_config(cfg["model_name"]), total_bytes if device.type == "cuda" else free_bytes,
+plan = qat.plan_qat(config, total_bytes if device.type == "cuda" else free_bytes,
                     seq_len=cfg["max_length"], batch=cfg["batch_size"], lora_r=cfg["lora_r"], dtype=dtype,
                     gradient_checkpointing=cfg["gradient_checkpointing"])
 mode = plan["mode"] if cfg["qat_mode"] == "auto" else cfg["qat_mode"]
 print(f"full QAT needs ~{plan['full_bytes'] / 2**30:.1f} GB, LoRA-QAT ~{plan['lora_bytes'] / 2**30:.1f} GB, "
       f"{plan['available_bytes'] / 2**30:.1f} GB available -> {mode} QAT")
+mxfp4_base = mode == "lora" and config.model_type == "gpt_oss"  # LoRA-QAT keeps the experts as MXFP4 bytes
+estimate = nb.check_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batch=cfg["batch_size"],
+                           lora_r=cfg["lora_r"], quantization="mxfp4" if mxfp4_base else None, dtype=dtype,
+                           gradient_checkpointing=cfg["gradient_checkpointing"])
 
 # %% [markdown]
 # ## Load
-# The MXFP4 checkpoint is decoded to `dtype` on load (`Mxfp4Config(dequantize=True)`): exact, since every FP4 value
-# times its power-of-two scale fits bf16. The tiny model starts from random weights, so its experts are snapped onto
-# the MXFP4 grid first, the starting point the real model has (on the real model the snap changes nothing).
+# LoRA-QAT: `quantization="mxfp4"` keeps every expert as the checkpoint's uint8 blocks and scales (`Mxfp4Experts`,
+# streamed layer by layer, never upcast). Full QAT: the MXFP4 checkpoint is decoded to `dtype` on load
+# (`Mxfp4Config(dequantize=True)`), which is exact, since every FP4 value times its power-of-two scale fits bf16. A
+# model that is not on the MXFP4 grid yet (e.g. a float checkpoint) has its experts snapped onto it first, the
+# starting point the real model has (on an MXFP4 checkpoint the snap changes nothing).
 
 # %%
 load_kwargs = {}
-if getattr(nb.loading.load_config(cfg["model_name"]), "quantization_config", None):
+if mxfp4_base:
+    load_kwargs["quantization"] = "mxfp4"
+elif getattr(config, "quantization_config", None):
     from transformers import Mxfp4Config
 
     load_kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
 model, tokenizer = nb.load_model(cfg["model_name"], dtype=dtype, device=device, **load_kwargs)
-print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; "
+expert_module = type(model.model.layers[0].mlp.experts).__name__  # Mxfp4Experts (uint8) or GptOssExperts (dense)
+weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+print(f"{type(model).__name__} with {expert_module}: {weight_bytes / 2**30:.3f} GB of weights; "
       f"{qat.snap_experts_to_grid_(model, 'mxfp4')} expert weights moved onto the MXFP4 grid")
 
 # %% [markdown]
@@ -147,8 +159,8 @@ evaluate("original", model)
 
 # %% [markdown]
 # ## SFT with LoRA
-# Adapters on attention and on every expert (`gate_up_proj`, `down_proj` through peft's `target_parameters`),
-# trained in high precision. The loop is plain AdamW with a cosine schedule (`nbhelpers.qat.train_loop`, a page of
+# Adapters on attention and on every expert's `gate_up_proj` and `down_proj` (dense experts: through peft's
+# `target_parameters`; MXFP4 experts carry their own LoRA factors), trained in high precision. The loop is plain AdamW with a cosine schedule (`nbhelpers.qat.train_loop`, a page of
 # code): SFT and QAT run the very same loop, only the forward differs.
 
 # %%
@@ -180,8 +192,8 @@ print(f"quantization costs the SFT model {ptq_gap:+.4f} held-out loss")
 
 # %% [markdown]
 # ## QAT
-# Training continues with fake-quant in the loop. LoRA-QAT: the base experts stay frozen and the same adapter keeps
-# training, so it learns a `B·A` whose quantized sum with `W` works. Full QAT: the SFT adapter is merged first and
+# Training continues with fake-quant in the loop. LoRA-QAT: the base experts stay frozen (as MXFP4 bytes) and the
+# same adapter keeps training, so it learns a `B·A` whose quantized sum with `W` works. Full QAT: the SFT adapter is merged first and
 # the expert weights themselves train (everything else frozen).
 
 # %%
@@ -283,7 +295,7 @@ print(f"export vs QAT model: held-out loss differs by {loss_gap:.2e}; "
 # %%
 metrics = {
     "preset": preset, "model_name": cfg["model_name"], "dataset_name": cfg["dataset_name"], "fmt": cfg["fmt"],
-    "qat_mode": mode, "max_steps": cfg["max_steps"], "qat_steps": cfg["qat_steps"], "n_eval": len(eval_rows),
+    "qat_mode": mode, "expert_module": expert_module, "max_steps": cfg["max_steps"], "qat_steps": cfg["qat_steps"], "n_eval": len(eval_rows),
     **{f"{k.lower().replace('sft+', '').replace('original', 'base')}_eval_loss": v["eval_loss"]
        for k, v in results.items()},
     **{f"{k.lower().replace('sft+', '').replace('original', 'base')}_language_share": v["language_share"]
