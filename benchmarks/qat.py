@@ -4,17 +4,20 @@
                        gate_up expert stack [E, 2I, H]; bytes moved / time, next to the device's bandwidth if known.
   2. step overhead     one LoRA training step (forward + backward + AdamW) on a gpt-oss model at real layer shapes
                        with `--layers` layers: plain LoRA-SFT vs LoRA-QAT (`prepare_qat`), same weights and batch.
-                       Ratio QAT / SFT (target <= 1.15).
-  3. peak memory       torch.cuda.max_memory_allocated for both steps; the QAT - SFT difference per layer is what
-                       LoRA-QAT adds. Extrapolated to 24 layers on an MXFP4 base (12.8 GB of experts + attention/
-                       embeddings in bf16), against the 24 GB target.
-  4. export            `export_gpt_oss_mxfp4` of that model: seconds and peak host RSS growth (sampled).
+                       Ratio QAT / SFT (target <= 1.15). `--base mxfp4` (default): experts are `Mxfp4Experts` holding
+                       random MXFP4 bytes, the notebook's LoRA-QAT on a small GPU; `--base dense`: bf16
+                       `GptOssExperts` snapped to the grid (full-QAT-style storage, LoRA on top).
+  3. peak memory       torch.cuda.max_memory_allocated for both steps. With `--base mxfp4 --layers 24` this is the
+                       whole gpt-oss-20b LoRA-QAT step, measured, against the 24 GB target.
+  4. export            `export_gpt_oss_mxfp4` of that model (LoRA merged, experts re-quantized): seconds and peak host
+                       RSS growth (sampled). `--export-only` skips 1-3 and works on CPU at real shapes.
 
-Shapes: gpt-oss-20b (hidden 2880, expert intermediate 2880, 32 experts top-4, vocab 201088), random weights snapped
-to the MXFP4 grid, bf16. `--quick` runs tiny shapes on CPU in seconds (a smoke check, not a measurement).
+Shapes: gpt-oss-20b (hidden 2880, expert intermediate 2880, 32 experts top-4, vocab 201088), random weights.
+`--quick` runs tiny shapes on CPU in seconds (a smoke check, not a measurement).
 
-  python benchmarks/qat.py                       # gpt-oss-20b shapes, 2 layers, batch 1 x 1024
-  python benchmarks/qat.py --layers 4 --seq-len 2048 --json qat.json
+  python benchmarks/qat.py --layers 24            # GPU: gpt-oss-20b LoRA-QAT on MXFP4 experts, batch 1 x 1024
+  python benchmarks/qat.py --base dense --layers 2 --json qat.json
+  python benchmarks/qat.py --export-only --device cpu --layers 2   # export time / host RAM at real shapes on CPU
   python benchmarks/qat.py --quick               # CPU
 """
 from __future__ import annotations
@@ -79,23 +82,33 @@ def bench_fake_quant(cfg, device, dtype, iters):
             "fake_quant_ms": t_fq * 1e3, "fake_quant_gbs": fq_bytes / t_fq / 1e9}
 
 
-def build_model(cfg, device, dtype):
+def build_model(cfg, device, dtype, base: str = "mxfp4", gradient_checkpointing: bool = True):
+    """Random gpt-oss at `cfg` with LoRA r=16 on attention and every expert (expert B small but non-zero)."""
     from transformers import AutoModelForCausalLM
 
+    from nbhelpers.loading import add_lora
     from nbhelpers.qat import snap_experts_to_grid_
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
-    snap_experts_to_grid_(model)
+    if base == "mxfp4":
+        from gpt_oss_step import random_mxfp4_model
+
+        model = random_mxfp4_model(cfg, dtype, device, "nbhelpers" if device.type == "cuda" else "eager")
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+        snap_experts_to_grid_(model)
+    model = add_lora(model, r=16, alpha=32, gradient_checkpointing=gradient_checkpointing)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "experts" in n and ("lora_B" in n or "_B." in n):
+                p.normal_(0, 1e-3)
     return model
 
 
 def bench_step(cfg, device, dtype, args, qat: bool):
-    from nbhelpers.loading import add_lora
     from nbhelpers.qat import prepare_qat
 
-    model = build_model(cfg, device, dtype)
-    model = add_lora(model, r=16, alpha=32, gradient_checkpointing=args.gradient_checkpointing)
+    model = build_model(cfg, device, dtype, args.base, args.gradient_checkpointing)
     if qat:
         prepare_qat(model, "mxfp4")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -150,6 +163,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU (smoke check)")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--base", choices=("mxfp4", "dense"), default="mxfp4",
+                        help="expert storage: MXFP4 bytes (LoRA-QAT on a small GPU) or dense bf16")
+    parser.add_argument("--export-only", action="store_true", help="only the export (works on CPU at real shapes)")
+    parser.add_argument("--device", help="cuda (default when present) or cpu (only with --export-only or --quick)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
@@ -159,18 +176,21 @@ def main():
     args = parser.parse_args()
     from nbhelpers.env import environment, pick_device
 
-    device = torch.device("cpu") if args.quick else pick_device()
-    if device.type != "cuda" and not args.quick:
-        sys.exit("no GPU: run with --quick for the CPU smoke check")
+    device = torch.device("cpu") if args.quick else torch.device(args.device) if args.device else pick_device()
+    if device.type != "cuda" and not (args.quick or args.export_only):
+        sys.exit("no GPU: run with --quick for the CPU smoke check, or --export-only for the export at real shapes")
     if args.quick:
         args.seq_len, args.steps, args.warmup = min(args.seq_len, 64), 1, 0
-    dtype = torch.float32 if device.type == "cpu" else (
+    dtype = torch.float32 if args.quick else torch.bfloat16 if device.type == "cpu" else (
         torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
     cfg = gpt_oss_config(args.quick, args.layers)
     env = environment(device)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "env": env, "dtype": str(dtype), "layers": args.layers,
-              "batch": args.batch, "seq_len": args.seq_len}
+              "base": args.base, "batch": args.batch, "seq_len": args.seq_len}
+    if args.export_only:
+        model = build_model(cfg, device, dtype, args.base, gradient_checkpointing=False)
+        return export_and_report(model, args, result)
 
     fq = bench_fake_quant(cfg, device, dtype, iters=2 if args.quick else 10)
     gpu = env.get("gpu") or ""
@@ -192,22 +212,20 @@ def main():
           f"QAT {q['seconds'] * 1e3:.0f} ms -> QAT/SFT = {result['qat_overhead']:.3f} (target <= 1.15)")
     if sft["peak_allocated_gb"] is not None:
         extra = (q["peak_allocated_gb"] - sft["peak_allocated_gb"])
-        # 20b on an MXFP4 base: experts 24 x 2 x 32 x 2880 x 2880 x 4.25 bits; the rest (~3.6B incl. embeddings) bf16
-        base_gb = 24 * 3 * 32 * 2880 * 2880 * 4.25 / 8 / GB + 3.6e9 * 2 / GB
-        act_per_layer = max(sft["peak_allocated_gb"] - sum(p.numel() * p.element_size()
-                                                           for p in model.parameters()) / GB, 0) / args.layers
         result["memory"] = {"sft_peak_gb": sft["peak_allocated_gb"], "qat_peak_gb": q["peak_allocated_gb"],
-                            "qat_extra_gb": extra, "mxfp4_base_gb": base_gb,
-                            "lora_qat_20b_estimate_gb": base_gb + act_per_layer * 24 + max(extra, 0)}
-        print(f"peak memory: SFT {sft['peak_allocated_gb']:.2f} GB, QAT {q['peak_allocated_gb']:.2f} GB "
-              f"(+{extra:.2f} GB); LoRA-QAT on an MXFP4 20b base ~{result['memory']['lora_qat_20b_estimate_gb']:.1f}"
-              " GB (target 24 GB)")
+                            "qat_extra_gb": extra}
+        print(f"peak memory ({args.base} experts, {args.layers} layers): SFT {sft['peak_allocated_gb']:.2f} GB, "
+              f"QAT {q['peak_allocated_gb']:.2f} GB (+{extra:.2f} GB)"
+              + ("; the gpt-oss-20b target is 24 GB" if args.layers == 24 else ""))
+    export_and_report(model, args, result)
 
+
+def export_and_report(model, args, result):
     with tempfile.TemporaryDirectory() as tmp:
         ex = bench_export(model, tmp)
     result["export"] = ex
-    print(f"export ({args.layers} layers): {ex['seconds']:.2f} s, {ex['bytes_written_gb']:.2f} GB written, "
-          f"peak host RSS growth {ex['peak_rss_growth_gb']:.2f} GB")
+    print(f"export ({args.layers} layers, {args.base} experts + LoRA): {ex['seconds']:.2f} s, "
+          f"{ex['bytes_written_gb']:.2f} GB written, peak host RSS growth {ex['peak_rss_growth_gb']:.2f} GB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)

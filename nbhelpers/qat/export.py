@@ -52,19 +52,27 @@ def quantized_experts(experts_outer, fmt: str = "mxfp4") -> dict[str, torch.Tens
     """Suffix -> CPU tensor for one experts module (possibly wrapped by peft): blocks/scales (or NVFP4) + biases."""
     base = _base(experts_outer)
     out = {}
+    names = ("blocks", "scales") if fmt == "mxfp4" else ("packed", "scales", "tensor_scale")
     with active_lora(experts_outer):
         for name in EXPERT_PARAMS:
             w, lora = experts_weight_and_lora(base, name)
-            parts = [quantize(merged_expert_weight(w, e, lora), fmt) for e in range(w.shape[0])]
-            if fmt == "mxfp4":
-                out[f"{name}_blocks"] = torch.stack([p[0] for p in parts]).cpu()
-                out[f"{name}_scales"] = torch.stack([p[1] for p in parts]).cpu()
-            else:
-                out[f"{name}_packed"] = torch.stack([p[0] for p in parts]).cpu()
-                out[f"{name}_scales"] = torch.stack([p[1] for p in parts]).cpu()
-                out[f"{name}_tensor_scale"] = torch.stack([p[2].reshape(()) for p in parts]).cpu()
-            out[f"{name}_bias"] = getattr(base, f"{name}_bias").detach().cpu().clone()
+            stacks = None
+            for e in range(w.shape[0]):  # one expert at a time, written straight into the host-side stacks
+                parts = quantize(merged_expert_weight(w, e, lora), fmt)
+                if stacks is None:
+                    stacks = [torch.empty((w.shape[0], *p.shape), dtype=p.dtype) for p in parts]
+                for stack, p in zip(stacks, parts):
+                    stack[e].copy_(p)
+            for suffix, stack in zip(names, stacks):
+                out[f"{name}_{suffix}"] = stack
+            out[f"{name}_bias"] = _host(getattr(base, f"{name}_bias"))
     return out
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor to write: a GPU tensor is copied over; a CPU one is written as it is (no second copy)."""
+    t = t.detach()
+    return (t.cpu() if t.device.type != "cpu" else t).contiguous()
 
 
 def _module_tensors(model, fmt: str):
@@ -86,15 +94,15 @@ def _module_tensors(model, fmt: str):
                 w = linear_weight(module).detach()
                 if getattr(module, "nbhelpers_qat", None):
                     w = fake_quantize_values(w, module.nbhelpers_qat)
-            yield f"{clean}.weight", w.to(base.weight.dtype).cpu().contiguous()
+            yield f"{clean}.weight", _host(w.to(base.weight.dtype))
             if base.bias is not None:
-                yield f"{clean}.bias", base.bias.detach().cpu().clone()
+                yield f"{clean}.bias", _host(base.bias)
             done.add(clean)
         else:
             for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 if f"{name}.{pname}" in _non_persistent(tmodel):
                     continue
-                yield f"{clean}.{pname}" if clean else pname, p.detach().cpu().clone()
+                yield f"{clean}.{pname}" if clean else pname, _host(p)
 
 
 def _non_persistent(tmodel) -> set:

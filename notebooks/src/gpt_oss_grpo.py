@@ -79,30 +79,27 @@ print(cfg)
 # %% [markdown]
 # ## Will it fit?
 # An estimate from the model's config alone (no weights downloaded) for one training step over a GRPO group:
-# weights (MXFP4 experts), LoRA with AdamW state, activations and logits for prompt + completion tokens. If it
-# exceeds the device's memory we stop here with the itemised estimate.
+# weights (MXFP4 experts), LoRA with AdamW state, activations and logits for prompt + completion tokens, with the
+# GPU memory savers switched on below (checkpointed activations offloaded to CPU, the embedding table on the CPU). If
+# it exceeds the device's memory we stop here with the itemised estimate.
 
 # %%
+on_gpu = device.type == "cuda"
 estimate = nb.check_memory(cfg["model_name"], device, seq_len=256 + cfg["max_completion_length"],
                            batch=cfg["batch_size"], lora_r=cfg["lora_r"], quantization=cfg["quantization"],
-                           dtype=dtype, gradient_checkpointing=cfg["gradient_checkpointing"])
+                           dtype=dtype, gradient_checkpointing=cfg["gradient_checkpointing"],
+                           offload_activations=on_gpu and cfg["gradient_checkpointing"], offload_embeddings=on_gpu)
 
 # %% [markdown]
 # ## Load the model
 # `quantization="mxfp4"` keeps gpt-oss's experts in their native MXFP4 blocks (4.25 bits per weight) and computes
 # with them directly; attention, router and embeddings stay in 16-bit. `attn_implementation="nbhelpers"` is the
-# package's Triton attention with sinks, sliding windows and a decode kernel for left-padded batches; where it is
-# not registered, transformers' eager attention is used.
+# package's Triton attention with sinks, sliding windows and a decode kernel for left-padded batches (registered
+# with transformers by `import nbhelpers`). The tiny preset uses transformers' eager attention.
 
 # %%
-from transformers import AttentionInterface
-
-attn = cfg["attn_implementation"]
-if attn not in ("eager", "sdpa") and attn not in AttentionInterface._global_mapping:
-    print(f"attention implementation {attn!r} is not available here; using 'eager'")
-    attn = "eager"
 model, tokenizer = nb.load_model(cfg["model_name"], quantization=cfg["quantization"], dtype=dtype, device=device,
-                                 attn_implementation=attn)
+                                 attn_implementation=cfg["attn_implementation"])
 print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters stored, "
       f"attention: {model.config._attn_implementation}")
 
@@ -114,10 +111,10 @@ print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e
 
 # %%
 model = nb.add_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"],
-                    gradient_checkpointing=cfg["gradient_checkpointing"] and not hasattr(nb, "enable_offloaded_checkpointing"))
-if device.type == "cuda" and cfg["gradient_checkpointing"] and hasattr(nb, "enable_offloaded_checkpointing"):
+                    gradient_checkpointing=cfg["gradient_checkpointing"] and not on_gpu)
+if on_gpu and cfg["gradient_checkpointing"]:
     nb.enable_offloaded_checkpointing(model)
-if device.type == "cuda" and hasattr(nb, "offload_embeddings"):
+if on_gpu:
     nb.offload_embeddings(model, device)
 model.print_trainable_parameters()
 
@@ -262,8 +259,7 @@ args = GRPOConfig(
 trainer = GRPOTrainer(model=model, reward_funcs=task_rewards, args=args, train_dataset=train_ds,
                       processing_class=tokenizer)
 print("rollout settings:", rollout.speed_up_trainer(trainer, compile=cfg["compile_rollouts"]))
-if device.type == "cuda" and hasattr(nb, "speed_up"):
-    nb.speed_up(trainer.model)  # the package's fused kernels (loss, 4-bit LoRA), where merged
+nb.speed_up(trainer.model)  # fused linear cross-entropy / log-probs (no batch x length x vocab logits), NF4 LoRA
 nb.reset_peak_memory(device)
 with nb.Timer() as timer:
     trainer.train()
