@@ -36,6 +36,12 @@ def merge_lora(peft_model, dtype: torch.dtype = torch.float16):
     """
     from peft.tuners.lora import LoraLayer
 
+    from .mxfp4_experts import mxfp4_expert_modules
+
+    if mxfp4_expert_modules(peft_model):
+        raise ValueError("merge_lora cannot fold expert LoRA into MXFP4 experts held as 4-bit bytes (Mxfp4Experts) in "
+                         "memory; write the merged model layer by layer with nbhelpers.qat.export_merged(model, "
+                         "out_dir, tokenizer, dtype) (dense) or export_gpt_oss_mxfp4 (MXFP4)")
     merged = {}
     for name, module in peft_model.base_model.model.named_modules():
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):

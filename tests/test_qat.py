@@ -623,3 +623,37 @@ def test_export_of_lora_qat_on_mxfp4_experts_round_trips(gpt_oss_mxfp4_path, tmp
     for a, b in zip(original.model.layers, exported.model.layers):
         assert torch.equal(a.mlp.experts.gate_up_proj, b.mlp.experts.gate_up_proj)
         assert torch.equal(a.mlp.experts.down_proj, b.mlp.experts.down_proj)
+
+
+@pytest.mark.parametrize("base", ["mxfp4", "dense"])
+def test_export_merged_folds_lora_layer_by_layer(gpt_oss_mxfp4_path, gpt_oss_path, base, tmp_path):
+    """`export_merged` writes a plain dense checkpoint (no quantization_config) whose logits, under plain
+    `from_pretrained`, equal the LoRA model's: MXFP4 experts decoded + LoRA (not re-quantized), dense experts via
+    peft's own parametrization, attention LoRA folded in."""
+    from transformers import AutoModelForCausalLM
+
+    from nbhelpers.export import merge_lora
+    from nbhelpers.qat import export_merged
+
+    ids = _ids(seed=13)
+    if base == "mxfp4":
+        model = _mxfp4_lora_model(gpt_oss_mxfp4_path, seed=4)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "self_attn" in n and "lora_B" in n:
+                    p.normal_(0, 0.05)
+    else:
+        model = _peft_model(gpt_oss_path, seed=4).eval()
+    with torch.no_grad():
+        out = model(ids).logits
+    export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(reloaded.model.layers[0].mlp.experts).__name__ == "GptOssExperts"
+    with torch.no_grad():
+        again = reloaded(ids).logits
+    assert (again - out).abs().max() < 2e-5, (again - out).abs().max()
+    if base == "mxfp4":
+        with pytest.raises(ValueError, match="export_merged"):
+            merge_lora(model)

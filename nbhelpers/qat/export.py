@@ -9,6 +9,10 @@ MXFP4 (`export_gpt_oss_mxfp4`): per layer `mlp.experts.gate_up_proj_blocks` uint
 the input dim, low nibble = even element), biases as they are; config with gpt-oss's `quantization_config`.
 transformers loads it (`Mxfp4Config(dequantize=True)` on CPU, MXFP4 kernels on a GPU).
 
+Dense (`export_merged`): LoRA folded in, experts as plain `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` in a
+16-bit dtype, no quantization_config: what `merge_and_unload` + `save_pretrained` give, without ever holding the
+merged model (gpt-oss-20b merged in bf16 is 42 GB; a Colab T4 host has 12.7 GB of RAM).
+
 NVFP4 (`export_nvfp4`, loaded by `load_nvfp4`): per expert matrix (`[out, in]`), `..._packed` uint8 `[E, out, in/2]`,
 `..._scales` float8_e4m3fn `[E, out, in/16]`, `..._tensor_scale` fp32 `[E]` (one tensor scale per expert matrix);
 the config carries `nbhelpers_nvfp4 = {"block_size": 16, "modules": [...]}` instead of a `quantization_config`.
@@ -56,6 +60,12 @@ def quantized_experts(experts_outer, fmt: str = "mxfp4") -> dict[str, torch.Tens
     with active_lora(experts_outer):
         for name in EXPERT_PARAMS:
             w, lora = experts_weight_and_lora(base, name)
+            if isinstance(fmt, torch.dtype):  # dense: the merged weight itself, HF layout [E, in, out]
+                out[name] = torch.empty(tuple(w.shape), dtype=fmt)
+                for e in range(w.shape[0]):
+                    out[name][e].copy_(merged_expert_weight(w, e, lora).t())
+                out[f"{name}_bias"] = _host(getattr(base, f"{name}_bias")).to(fmt)
+                continue
             stacks = None
             for e in range(w.shape[0]):  # one expert at a time, written straight into the host-side stacks
                 parts = quantize(merged_expert_weight(w, e, lora), fmt)
@@ -75,8 +85,15 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return (t.cpu() if t.device.type != "cpu" else t).contiguous()
 
 
-def _module_tensors(model, fmt: str):
-    """Yield (clean_name, tensor on CPU) for every tensor the export writes, one module at a time."""
+def _module_tensors(model, fmt):
+    """Yield (clean_name, tensor on CPU) for every tensor the export writes, one module at a time.
+
+    fmt: "mxfp4" / "nvfp4" (quantized experts), or a torch dtype (dense: every floating tensor in that dtype)."""
+    for name, t in _module_tensors_raw(model, fmt):
+        yield name, (t.to(fmt) if isinstance(fmt, torch.dtype) and t.is_floating_point() else t)
+
+
+def _module_tensors_raw(model, fmt):
     tmodel = _transformers_model(model)
     done = set()
     for name, module in tmodel.named_modules():
@@ -167,6 +184,21 @@ def export_gpt_oss_mxfp4(model, out_dir, tokenizer=None) -> Path:
         config.quantization_config = copy.deepcopy(GPT_OSS_QUANTIZATION_CONFIG)
 
     return _write(model, out_dir, tokenizer, "mxfp4", update)
+
+
+def export_merged(model, out_dir, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `model` with every LoRA adapter folded in as a plain dense checkpoint in `dtype`, layer by layer.
+
+    MXFP4-held experts (`Mxfp4Experts`) are decoded one expert at a time and their LoRA added (not re-quantized), so
+    the result computes what the trained model computed; plain `AutoModelForCausalLM.from_pretrained` loads it.
+    """
+
+    def update(config):
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = dtype
+
+    return _write(model, out_dir, tokenizer, dtype, update)
 
 
 def export_nvfp4(model, out_dir, tokenizer=None) -> Path:

@@ -300,17 +300,16 @@ print("matmul scores of these completions:", [round(t, 2) for t in after_matmul]
 # ## Save
 # `adapter/` is the LoRA adapter (peft format). `merged/` folds it into the base weights, saved in 16-bit: plain
 # `AutoModelForCausalLM.from_pretrained` loads it. `mxfp4/` is the merged model with its experts back in gpt-oss's
-# MXFP4 format (the QAT notebook's exporter).
+# MXFP4 format (the QAT notebook's exporter). Both are written layer by layer: the merged 20b model (42 GB in bf16)
+# never exists in memory, only one layer of it at a time.
 
 # %%
-nb.save_adapter(model, out / "adapter", tokenizer)
-merged = nb.merge_lora(model, dtype=torch.float16 if dtype == torch.float32 else dtype)
-nb.save_merged(merged, out / "merged", tokenizer)
-if merged.config.model_type == "gpt_oss":
-    from nbhelpers.qat import export_gpt_oss_mxfp4
+from nbhelpers.qat import export_gpt_oss_mxfp4, export_merged
 
-    export_gpt_oss_mxfp4(merged, out / "mxfp4", tokenizer=tokenizer)
-    print("MXFP4 export:", out / "mxfp4")
+nb.save_adapter(model, out / "adapter", tokenizer)
+export_merged(model, out / "merged", tokenizer, dtype=torch.float16 if dtype == torch.float32 else dtype)
+export_gpt_oss_mxfp4(model, out / "mxfp4", tokenizer=tokenizer)
+print("saved:", *(out / d for d in ("adapter", "merged", "mxfp4")))
 
 # %% [markdown]
 # ## Metrics
