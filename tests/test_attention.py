@@ -158,7 +158,8 @@ def test_decode_kernel_reads_kv_end(interpreter):
     kv_end = torch.tensor([70, 23, 41])
     for b, e in enumerate(kv_end.tolist()):
         k[b, :, e:], v[b, :, e:] = float("nan"), float("nan")
-    for kw in ({}, {"sliding_window": 16, "kv_start": torch.tensor([5, 0, 30])}, {"kv_start": torch.tensor([0, 23, 3])}):
+    cases = ({}, {"sliding_window": 16, "kv_start": torch.tensor([5, 0, 30])}, {"kv_start": torch.tensor([0, 23, 3])})
+    for kw in cases:
         for splits in (1, 3):
             out = decode_attention(q, k, v, s, num_splits=splits, kv_end=kv_end, **kw)
             for b, e in enumerate(kv_end.tolist()):

@@ -118,10 +118,13 @@ def test_speed_up_trainer_gives_nbhelpers_attention_the_static_cache(tiny, tmp_p
     model.set_attn_implementation("nbhelpers")
     try:
         args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
-                          max_completion_length=4, use_cpu=True, report_to="none", save_strategy="no")
+                          max_completion_length=4, use_cpu=True, report_to="none", save_strategy="no",
+                          bf16=False)  # CPU autocast would make keys fp32 and values bf16: a static cache refuses
         trainer = GRPOTrainer(model=model, reward_funcs=[digits_reward], args=args, processing_class=tok,
                               train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * 4))
         assert speed_up_trainer(trainer, compile=False) == {"cache_implementation": "static"}
         assert trainer.generation_config.cache_implementation == "static"
+        trainer.train()  # TRL's generation through the static cache and our attention, then a training step
+        assert trainer.state.global_step == 1
     finally:
         model.set_attn_implementation(before)
