@@ -7,10 +7,14 @@
 - AttentionMaskInterface["nbhelpers"] turns the 2D padding mask into what the kernel takes: `kv_start` [B] (number of
   left-padding keys per row, once per forward) or None when nothing is padded. Trailing (right) padding is dropped
   during training: a causal query never sees keys after itself, so valid positions are unaffected.
+  With a static KV cache (`cache_implementation="static"`) the keys are a pre-allocated buffer that runs past the
+  last query; the mask function then returns `[kv_start, kv_end]` ([2B] int32), kv_end being where the sequence ends
+  in that buffer, and the kernel places the queries just before it (details in `nbhelpers_mask`).
 - AttentionInterface["nbhelpers"] runs the kernel: sinks from gpt-oss's `s_aux` (module.sinks), the window from
-  `sliding_window` (module.sliding_window), GQA without repeating K/V, left padding via `kv_start`, and packed
-  sequences (padding-free SFT: no mask, position_ids restarting at 0, or flash-attn style `cu_seq_lens_q/k` kwargs)
-  via the varlen kernel.
+  `sliding_window` (module.sliding_window), GQA without repeating K/V, left padding via `kv_start`, a static cache's
+  buffer via `kv_end` (read on the device by the decode kernel: a compiled decode step / CUDA graph needs no host
+  synchronisation), and packed sequences (padding-free SFT: no mask, position_ids restarting at 0, or flash-attn
+  style `cu_seq_lens_q/k` kwargs) via the varlen kernel.
 """
 from __future__ import annotations
 
@@ -41,23 +45,52 @@ def _kv_start_from_mask(mask: torch.Tensor, q_length: int) -> torch.Tensor | Non
 
 def nbhelpers_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                    mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Mask function for AttentionMaskInterface: the 2D mask becomes kv_start [B] (or None).
+    """Mask function for AttentionMaskInterface: the 2D mask becomes kv_start [B] (or None), or, for a static cache,
+    [kv_start, kv_end] [2B].
 
-    The kernel places query i at key position `Lk - Lq + i`: the keys must be the in-order run that ends at the last
-    query (a DynamicCache, sliding layers included). A static cache hands over its whole pre-allocated buffer (and
-    sliding layers a ring buffer), which would silently misplace the queries, so it is refused here.
+    The keys attention receives start at absolute position `kv_offset`; the queries are positions
+    `q_offset .. q_offset + q_length - 1`. A dynamic cache hands over exactly the keys up to the last query
+    (`kv_offset + kv_length == q_offset + q_length`), which is the kernel's bottom-right alignment. transformers'
+    static cache (5.x `StaticLayer`) hands over its whole pre-allocated buffer: keys in order from position 0, valid
+    up to the current length, then unused slots; `q_offset` is then a device tensor (the cache's length). Its sliding
+    layers (`StaticSlidingWindowLayer`) keep the last W keys in order: left-aligned in a W-slot buffer while filling
+    (unused slots after them), then rolled left on every decode step (all W slots valid, the newest last), or the
+    concatenation of the kept keys and the new ones when a forward fills it; `kv_offset` is the absolute position of
+    slot 0 in each case. So in every case the keys attention gets are in order from `kv_offset`, and the sequence
+    ends at slot `kv_end = q_offset + q_length - kv_offset`, which is what the kernel takes (queries at
+    `kv_end - Lq + i`). kv_end comes from the 2D mask's length (a Python int: no host read) or, without a mask,
+    from `q_offset` on the device.
     """
-    if not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor) \
-            and kv_offset + kv_length != q_offset + q_length:
-        raise ValueError(
-            f"nbhelpers attention needs the keys to end at the last query (keys {kv_offset}..{kv_offset + kv_length}"
-            f", queries {q_offset}..{q_offset + q_length}): static KV caches are not supported; generate with the "
-            "default dynamic cache (cache_implementation=None), or use attn_implementation='sdpa' for a static one")
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
+    if isinstance(kv_offset, torch.Tensor):
+        raise ValueError(f"nbhelpers attention expects an integer kv_offset from the cache, got a tensor {kv_offset}")
+    if attention_mask is not None and attention_mask.dim() == 1 and attention_mask.dtype == torch.int32 \
+            and attention_mask.shape[0] in (batch_size, 2 * batch_size):
+        return attention_mask  # made by this function already (generate() prepares masks before the forward)
+    if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"nbhelpers attention expects a 2D padding mask, got shape {tuple(attention_mask.shape)}")
-    return _kv_start_from_mask(attention_mask[:, -kv_length:], q_length)
+    in_order = not isinstance(q_offset, torch.Tensor) and kv_offset + kv_length == q_offset + q_length
+    if in_order:  # keys end at the last query (dynamic caches, no cache, a full sliding window)
+        if attention_mask is None:
+            return None
+        return _kv_start_from_mask(attention_mask[:, -kv_length:], q_length)
+    # a pre-allocated buffer: the sequence ends at slot kv_end
+    if attention_mask is not None:
+        seen = attention_mask.shape[-1]  # the 2D mask covers every position so far, the queries included
+        if not isinstance(q_offset, torch.Tensor) and seen != q_offset + q_length:
+            raise ValueError(f"nbhelpers attention: the padding mask covers {seen} positions, expected "
+                             f"q_offset + q_length = {q_offset} + {q_length}")
+        kv_end = seen - kv_offset
+        if not q_length <= kv_end <= kv_length:
+            raise ValueError(f"nbhelpers attention: the sequence would end at slot {kv_end} of a {kv_length}-slot "
+                             f"KV buffer (mask of {seen} positions, kv_offset {kv_offset}, {q_length} queries)")
+        valid = attention_mask[:, kv_offset:seen]
+        kv_start = _kv_start_from_mask(valid, q_length)
+        if kv_start is None:
+            kv_start = torch.zeros(batch_size, dtype=torch.int32, device=valid.device)
+        return torch.cat([kv_start, torch.full_like(kv_start, kv_end)])
+    device = kwargs.get("device") or (q_offset.device if isinstance(q_offset, torch.Tensor) else None)
+    kv_end = torch.as_tensor(q_offset + q_length - kv_offset, device=device).to(torch.int32).reshape(1)
+    return torch.cat([torch.zeros(batch_size, dtype=torch.int32, device=device), kv_end.expand(batch_size)])
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
@@ -92,14 +125,21 @@ def nbhelpers_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     key, value = key.to(query.dtype), value.to(query.dtype)
     B, Hq, Lq, D = query.shape
 
-    kv_start = None
+    kv_start = kv_end = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # a raw padding mask (mask function bypassed)
+            if attention_mask.shape[-1] < key.shape[2]:
+                raise ValueError(f"nbhelpers attention: {key.shape[2]} keys but a padding mask of "
+                                 f"{attention_mask.shape[-1]} positions (a pre-allocated KV cache without the "
+                                 "'nbhelpers' mask function?); the queries' positions would be unknown")
             attention_mask = _kv_start_from_mask(attention_mask[:, -key.shape[2]:], Lq)
-        elif attention_mask.dim() != 1:
-            raise ValueError("nbhelpers attention takes a 2D padding mask (or kv_start [B]); got a mask of shape "
-                             f"{tuple(attention_mask.shape)}")
-        kv_start = attention_mask
+        elif attention_mask.dim() != 1 or attention_mask.shape[0] not in (B, 2 * B):
+            raise ValueError(f"nbhelpers attention takes a 2D padding mask, kv_start [{B}] or [kv_start, kv_end] "
+                             f"[{2 * B}]; got a mask of shape {tuple(attention_mask.shape)}")
+        if attention_mask is not None and attention_mask.shape[0] == 2 * B:
+            kv_start, kv_end = attention_mask[:B], attention_mask[B:]
+        else:
+            kv_start = attention_mask
 
     cu = None
     if attention_mask is None and Lq == key.shape[2]:
@@ -116,7 +156,7 @@ def nbhelpers_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
                                causal=causal, sliding_window=sliding_window, softmax_scale=scaling)
         return out.view(B, Lq, Hq, D), None
     out = attention(query, key, value, sinks, causal=causal, sliding_window=sliding_window, softmax_scale=scaling,
-                    kv_start=kv_start)
+                    kv_start=kv_start, kv_end=kv_end)
     return out.transpose(1, 2).contiguous(), None
 
 

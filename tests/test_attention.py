@@ -151,6 +151,46 @@ def test_decode_kernel(interpreter, Lq, group, splits):
     assert out.dtype == torch.float16 and rel(out, ref) <= 2e-3
 
 
+def test_decode_kernel_reads_kv_end(interpreter):
+    """A static cache's buffer: row b's keys end at kv_end[b] (per row, read by the kernel); slots after it hold NaN
+    and must not be read. Reference: each row alone with its keys cut at kv_end."""
+    q, k, v, s = make(3, 8, 2, 1, 70, 32, torch.float32, sinks=True)
+    kv_end = torch.tensor([70, 23, 41])
+    for b, e in enumerate(kv_end.tolist()):
+        k[b, :, e:], v[b, :, e:] = float("nan"), float("nan")
+    cases = ({}, {"sliding_window": 16, "kv_start": torch.tensor([5, 0, 30])}, {"kv_start": torch.tensor([0, 23, 3])})
+    for kw in cases:
+        for splits in (1, 3):
+            out = decode_attention(q, k, v, s, num_splits=splits, kv_end=kv_end, **kw)
+            for b, e in enumerate(kv_end.tolist()):
+                kvs = kw.get("kv_start")
+                ref = attention_reference(q[b:b + 1].double(), k[b:b + 1, :, :e].double(), v[b:b + 1, :, :e].double(),
+                                          s.double(), sliding_window=kw.get("sliding_window"),
+                                          kv_start=kvs[b:b + 1] if kvs is not None else None)
+                assert rel(out[b:b + 1], ref) <= 1e-5, (kw, splits, b)
+    # through attention(): the decode kernel where Triton runs, else the keys cut at one shared kv_end
+    same = torch.full((3,), 23)  # NaN from slot 23 on in row 1
+    out = attention(q, k, v, s, kv_end=same, sliding_window=16)
+    ref = attention_reference(q.double(), k[:, :, :23].double(), v[:, :, :23].double(), s.double(), sliding_window=16)
+    assert rel(out, ref) <= 1e-5
+
+
+def test_kv_end_outside_the_decode_kernel(path):
+    """Prefill into a static buffer (Lq > 1, gradients on): keys cut at kv_end, same as passing only those keys."""
+    q, k, v, s = make(2, 4, 2, 9, 30, 16, torch.float32, sinks=True)
+    kv_end, kv_start = torch.tensor([13, 13]), torch.tensor([2, 0])
+    out = attention(q, k, v, s, kv_end=kv_end, kv_start=kv_start, sliding_window=6)
+    ref = attention_reference(q.double(), k[:, :, :13].double(), v[:, :, :13].double(), s.double(), sliding_window=6,
+                              kv_start=kv_start)
+    assert rel(out, ref) <= 1e-5
+    check_against_reference(q, k[:, :, :13], v[:, :, :13], s, 1e-5, kv_start=kv_start)
+    qg = q.clone().requires_grad_()  # gradients: not the decode kernel, which takes per-row kv_end
+    with pytest.raises(ValueError, match="kv_end must be one length for all rows"):
+        attention(qg, k, v, s, kv_end=torch.tensor([13, 12]))
+    with pytest.raises(ValueError, match="kv_end must be one length"):
+        attention(qg, k, v, s, kv_end=torch.tensor([5, 5]))  # fewer keys than queries
+
+
 def test_chunked_path_memory_is_linear_in_length(monkeypatch):
     """The CPU path never builds an Lq x Lk score matrix: its largest temporary is chunk x Lk."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")

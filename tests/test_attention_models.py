@@ -108,14 +108,8 @@ def test_generate_with_cache_left_padded(arch, request):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_static_cache_is_refused_not_misread(tiny_gpt_oss):
-    """A static cache hands attention its whole pre-allocated buffer; the kernel's bottom-right alignment would put
-    the queries at the wrong positions, so the mask function refuses it with a clear error instead."""
-    ids, mask = left_padded_batch(300, lengths=(11, 6), seed=1)
-    model = load(tiny_gpt_oss, "nbhelpers").eval()
-    with pytest.raises(ValueError, match="static KV caches are not supported"):
-        model.generate(input_ids=ids.clamp(max=model.config.vocab_size - 1), attention_mask=mask, max_new_tokens=3,
-                       do_sample=False, pad_token_id=0, cache_implementation="static")
+# static KV caches (a pre-allocated buffer, sliding layers rolled): tests/test_static_cache.py
+
 
 def test_packed_sequences_match_one_by_one(tiny_gpt_oss):
     """Padding-free: position_ids restarting at 0 (and TRL's cu_seq_lens kwargs) = each sequence on its own."""

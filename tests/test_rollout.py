@@ -56,9 +56,13 @@ def test_settings():
         rollout_settings("cuda", static_cache=False, compile=True)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_fast_rollouts_generate_the_same_tokens_as_eager(tiny, lora):
+@pytest.mark.parametrize("lora,attn", [(False, None), (True, None), (True, "nbhelpers")])
+def test_fast_rollouts_generate_the_same_tokens_as_eager(tiny, lora, attn):
+    """attn "nbhelpers": our kernel reads the static cache's buffer (sliding window 8: the 24 new tokens roll it)."""
+    import nbhelpers  # noqa: F401  registers "nbhelpers"
+
     model, tok, prompts = tiny
+    before = model.config._attn_implementation
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -69,16 +73,19 @@ def test_fast_rollouts_generate_the_same_tokens_as_eager(tiny, lora):
         assert tok.padding_side == "left"
         lengths = {len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts}
         assert len(lengths) == len(prompts)  # every row gets a different amount of left padding
+        model.set_attn_implementation("eager")
+        wants = [eager_greedy(model, tok, prompt) for prompt in prompts]
+        model.set_attn_implementation(attn or before)
         fast = fast_greedy_ids(model, tok, prompts, rollout_settings("cpu"))
-        for prompt, got in zip(prompts, fast):
-            want = eager_greedy(model, tok, prompt)
+        for got, want in zip(fast, wants):
             assert strip_after_eos(got, tok.eos_token_id, tok.pad_token_id) == \
                 strip_after_eos(want, tok.eos_token_id, tok.pad_token_id)
         texts = generate(model, tok, prompts, MAX_NEW, rollout_settings("cpu"), skip_special_tokens=False)
         assert texts == [tok.decode(ids) for ids in fast]
     finally:
         if lora:
-            model.unload()
+            model = model.unload()
+        model.set_attn_implementation(before)
 
 
 def test_speed_up_trainer_sets_the_static_cache_on_trls_generation(tiny, tmp_path):
@@ -96,3 +103,28 @@ def test_speed_up_trainer_sets_the_static_cache_on_trls_generation(tiny, tmp_pat
     assert speed_up_trainer(trainer, compile=False) == {"cache_implementation": "static"}
     assert trainer.generation_config.cache_implementation == "static" and trainer.generation_config.disable_compile
     assert trainer.generation_kwargs["cache_implementation"] == "static"
+
+
+def test_speed_up_trainer_gives_nbhelpers_attention_the_static_cache(tiny, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    import nbhelpers  # noqa: F401
+    from nbhelpers.rl.rollout import speed_up_trainer
+    from nbhelpers.rl.toy_task import digits_reward
+
+    model, tok, prompts = tiny
+    before = model.config._attn_implementation
+    model.set_attn_implementation("nbhelpers")
+    try:
+        args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+                          max_completion_length=4, use_cpu=True, report_to="none", save_strategy="no",
+                          bf16=False)  # CPU autocast would make keys fp32 and values bf16: a static cache refuses
+        trainer = GRPOTrainer(model=model, reward_funcs=[digits_reward], args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * 4))
+        assert speed_up_trainer(trainer, compile=False) == {"cache_implementation": "static"}
+        assert trainer.generation_config.cache_implementation == "static"
+        trainer.train()  # TRL's generation through the static cache and our attention, then a training step
+        assert trainer.state.global_step == 1
+    finally:
+        model.set_attn_implementation(before)

@@ -6,6 +6,10 @@
 q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (Hq % Hkv == 0, Lq <= Lk). Query i sits at position Lk - Lq + i; key j is
 visible iff j >= kv_start[b], (causal) j <= position, (window W) position - j < W. `sinks` [Hq] is one logit per
 head in the softmax denominator only. Rows with no visible key give zeros. Differentiable in q, k, v and sinks.
+`kv_end` [B] (optional, for a static KV cache's pre-allocated buffer): row b's keys end at kv_end[b] (Lq <= kv_end[b]
+<= Lk); keys from there on are ignored and query i sits at kv_end[b] - Lq + i instead. The decode kernel reads it
+from device memory (no host synchronisation: a compiled decode step / CUDA graph works); every other path cuts the
+keys at kv_end once (one host read; all rows must then share one kv_end).
 The math, in plain torch: `reference.py`. Kernels: `forward.py`, `backward_dkdv.py`, `backward_dq.py`, `decode.py`
 + `decode_combine.py`; block sizes per GPU: `configs.py`. CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) run
 the Triton kernels; other CPU tensors run `chunked.py`, the same algorithm in torch with O(L * chunk) memory.
@@ -17,7 +21,7 @@ import functools
 import torch
 
 from .. import use_triton
-from . import chunked, configs
+from . import chunked, compiled, configs
 from .reference import attention_reference, attention_varlen_reference
 
 __all__ = ["attention", "attention_varlen", "decode_attention", "attention_reference", "attention_varlen_reference"]
@@ -220,7 +224,25 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None):
+def _per_row(t, name, q):
+    t = torch.as_tensor(t, device=q.device).to(torch.int32).contiguous()
+    if t.shape != (q.shape[0],):
+        raise ValueError(f"attention: {name} must have shape [{q.shape[0]}], got {tuple(t.shape)}")
+    return t
+
+
+def _cut_at_kv_end(k, v, kv_end, lq):
+    """Keys [0, kv_end) of a pre-allocated buffer, as a view (one host read of kv_end)."""
+    ends = kv_end.tolist()
+    n = ends[0]
+    if any(e != n for e in ends) or not lq <= n <= k.shape[2]:
+        raise ValueError(f"attention: kv_end must be one length for all rows, between Lq ({lq}) and Lk "
+                         f"({k.shape[2]}), outside the decode kernel; got {ends}")
+    return k[:, :, :n], v[:, :, :n]
+
+
+def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None,
+              kv_end=None):
     """Attention with optional sinks [Hq], sliding window, left padding (kv_start [B]) and GQA; see the module doc."""
     _check(q, k, v, sinks, packed=False)
     if q.shape[2] > k.shape[2]:
@@ -228,14 +250,20 @@ def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     window = _window(sliding_window)
     if kv_start is not None:
-        kv_start = torch.as_tensor(kv_start, device=q.device).to(torch.int32).contiguous()
-        if kv_start.shape != (q.shape[0],):
-            raise ValueError(f"attention: kv_start must have shape [{q.shape[0]}], got {tuple(kv_start.shape)}")
+        kv_start = _per_row(kv_start, "kv_start", q)
     if sinks is not None and sinks.device != q.device:
         raise ValueError(f"attention: sinks on {sinks.device}, q on {q.device}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     group = q.shape[1] // k.shape[1]
+    if kv_end is not None:
+        kv_end = _per_row(kv_end, "kv_end", q)
+        if not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and use_triton(q, k, v):
+            if torch.compiler.is_compiling():  # one opaque op for the compiler; no host read either way
+                return compiled.decode_attention_op(q, k, v, sinks, kv_start, kv_end, causal, window or 0, scale)
+            return decode_attention(q, k, v, sinks, causal=causal, sliding_window=window, softmax_scale=scale,
+                                    kv_start=kv_start, kv_end=kv_end)
+        k, v = _cut_at_kv_end(k, v, kv_end, q.shape[2])
     if (not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and q.shape[2] < k.shape[2]
             and use_triton(q, k, v) and q.is_cuda):
         return decode_attention(q, k, v, sinks, causal=causal, sliding_window=window, softmax_scale=scale,
@@ -259,8 +287,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def decode_attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None,
-                     num_splits=None):
-    """Forward only, split-KV: for a few queries (group * Lq <= 64) against a long cache; same semantics."""
+                     kv_end=None, num_splits=None):
+    """Forward only, split-KV: for a few queries (group * Lq <= 64) against a long cache; same semantics (kv_end
+    read by the kernel: no host synchronisation). Returns a new contiguous tensor."""
     from .decode import _attn_decode
     from .decode_combine import _attn_decode_combine
 
@@ -274,7 +303,9 @@ def decode_attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, s
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     window = _window(sliding_window)
     if kv_start is not None:
-        kv_start = torch.as_tensor(kv_start, device=q.device).to(torch.int32).contiguous()
+        kv_start = _per_row(kv_start, "kv_start", q)
+    if kv_end is not None:
+        kv_end = _per_row(kv_end, "kv_end", q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     _, block_n, warps, stages = configs.pick("decode", D, q.dtype, configs.capability(q.device))
     block_r = max(16, 1 << (rows - 1).bit_length())
@@ -289,10 +320,12 @@ def decode_attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, s
     part_l = torch.empty_like(part_m)
     _attn_decode[(num_splits, B * Hkv)](
         q, k, v, part_o, part_m, part_l, kv_start if kv_start is not None else _dummy(q.device),
+        kv_end if kv_end is not None else _dummy(q.device),
         *_strides3(q), *_strides3(k), *_strides3(v), Hkv, num_splits, group, Lq, Lk, D, scale, window or 0, split,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window is not None,
-        HAS_KV_START=kv_start is not None, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-    out = torch.empty_like(q)
+        HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _attn_decode_combine[(B * Hkv,)](
         part_o, part_m, part_l, sinks if sinks is not None else _dummy(q.device, torch.float32), out,
         *_strides3(out), Hkv, num_splits, group, Lq, D, BLOCK_R=block_r, BLOCK_D=block_d,

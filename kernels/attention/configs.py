@@ -66,7 +66,7 @@ _MODULE = "nbhelpers.kernels.attention"
 _KERNEL_OF = {"fwd": ("forward", "_attn_fwd"), "dkdv": ("backward_dkdv", "_attn_bwd_dkdv"),
               "dq": ("backward_dq", "_attn_bwd_dq"), "decode": ("decode", "_attn_decode")}
 _FP32_PTRS = {"LSE", "DELTA", "SINKS", "PART_O", "PART_M", "PART_L"}
-_I32_PTRS = {"KV_START", "CU_Q", "CU_K"}
+_I32_PTRS = {"KV_START", "KV_END", "CU_Q", "CU_K"}
 
 
 def _signature(fn, elem: str, constexprs: dict) -> dict:
@@ -102,6 +102,7 @@ def aot_specs(cc: int, dtype: str, head_dims=(64, 128)) -> list[dict]:
                      "HAS_KV_START": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
             if kernel == "decode":
                 flags["BLOCK_R"] = 64
+                flags["HAS_KV_END"] = True  # a static KV cache: lengths read from memory
             else:
                 flags["BLOCK_M"] = block_m
                 flags["VARLEN"] = False

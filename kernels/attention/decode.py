@@ -8,6 +8,10 @@ the keys, so B * Hkv * splits programs keep the GPU busy even at batch 1. Each w
 
 and `decode_combine._attn_decode_combine` merges the splits and the sink. Row r is query head
 hk * group + r // Lq and query r % Lq, at position Lk - Lq + r % Lq.
+
+With HAS_KV_END, row b's sequence ends at key kv_end[b] (read from memory, not a launch argument): keys from there
+on are not part of it and its queries sit at kv_end[b] - Lq + i. A static KV cache passes its whole pre-allocated
+buffer this way, so one compiled decode step (a CUDA graph) serves every length with no host synchronisation.
 """
 import triton
 import triton.language as tl
@@ -16,12 +20,12 @@ from .reductions import row_max, row_sum
 
 
 @triton.jit
-def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START,
+def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START, KV_END,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                  n_kv_heads, n_splits, group, seq_q, seq_k, head_dim, sm_scale, window, split_size,
                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV_START: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 HAS_KV_END: tl.constexpr, PRECISION: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -39,6 +43,8 @@ def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START,
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
+    if HAS_KV_END:
+        seq_k = tl.minimum(tl.load(KV_END + b), seq_k)
     shift = seq_k - seq_q
     pos = shift + i
 

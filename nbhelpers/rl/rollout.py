@@ -8,8 +8,13 @@ GRPO spends most of a step generating `num_generations` completions per prompt, 
   off (`disable_compile=True`); `speed_up_trainer` switches it back on where a trial generation shows it works;
 - left padding: every row's next token sits at the same position, which is what a static cache and a decode
   attention kernel with per-row `kv_start` expect;
-- an attention implementation of our own for decoding, and routed-experts-only MoE decoding, plug in through
-  `attn_implementation` and the model's modules; this file only passes the name on.
+- attention "nbhelpers" (`nbhelpers.attention`) reads the static cache's pre-allocated buffer directly: the mask
+  function tells its split-KV decode kernel where the sequence ends (`kv_end`, read from device memory, so a
+  captured CUDA graph serves every step) and where each row's left padding ends (`kv_start`); gpt-oss's sliding
+  layers (a rolled W-slot buffer) included;
+- routed-experts-only MoE decoding with MXFP4 experts (`nbhelpers.mxfp4_experts.Mxfp4Experts`, what
+  `load_model(..., quantization="mxfp4")` builds) plugs in through the model's modules; this file only sets up
+  `generate`.
 
 `rollout_settings` returns `generate` keyword arguments (also valid in `GRPOConfig(generation_kwargs=...)`).
 Greedy decoding with these settings gives the same tokens as plain eager decoding (tests/test_rollout.py).
@@ -63,12 +68,7 @@ def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
     """
     model = trainer.model
     device = next(model.parameters()).device
-    if getattr(model.config, "_attn_implementation", None) == "nbhelpers":
-        # our decode kernel reads a dynamic cache (keys in order, kv_start per row); it refuses a static one
-        print("attention 'nbhelpers': dynamic KV cache and eager decode steps (no static cache / CUDA graphs)")
-        settings = rollout_settings(device, static_cache=False, compile=False)
-    else:
-        settings = rollout_settings(device, compile=compile)
+    settings = rollout_settings(device, compile=compile)  # any attention, "nbhelpers" included
     if "compile_config" in settings and not _compile_works(model, trainer.processing_class, settings):
         settings = rollout_settings(device, compile=False)
     config = trainer.generation_config
