@@ -319,7 +319,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     hidden [N, H], weight [V, H], labels [N] (int), bias [V] or None. Differentiable in hidden, weight and bias
     (a frozen head costs nothing extra). `chunk_bytes` bounds the fp32 logits of one chunk (default 256 MiB on a
-    GPU, 32 MiB on CPU). The loss is fp32.
+    GPU, 32 MiB on CPU, and with a trainable head at most TRANSIENT_FRACTION of the gradients' bytes for the logits
+    and their gradient together). The loss is fp32.
     """
     _check(hidden, weight, labels, bias, reduction)
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes)
