@@ -245,7 +245,9 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
             db += dz.sum(0, dtype=torch.float32)
         del dz
     dw = None
-    if grads and need_dw:
+    if grads and need_dw and n == 0:
+        dw = torch.zeros_like(weight)
+    elif grads and need_dw:
         # vocabulary pass: dW one block of rows at a time, each finished by one matmul over all tokens
         dw = torch.empty_like(weight)
         h = hidden if hidden.dtype == mm_dtype else hidden.to(mm_dtype)
