@@ -6,7 +6,9 @@ For N tokens, hidden H, vocab V (gpt-oss: H=2880, V=201,088) in the compute dtyp
 Head frozen (the LoRA case: only d hidden is needed) or trainable (`--trainable-head`: d W too).
 
 Peak memory is reported above what the inputs already hold, next to the "unavoidable outputs": d hidden (N x H)
-plus, with a trainable head, d W (V x H). Time is the median of `--reps` runs after one warm-up.
+plus, with a trainable head, d W (V x H). On CUDA it is the allocator's peak; on CPU the peak of live tensor
+storages seen by a dispatch mode (memory_planner.LiveBytes: what an allocator would count, with no cache slack).
+Time is the median of `--reps` runs after one warm-up (on CPU the tracked run is an extra one, not timed).
 
   python benchmarks/fused_ce.py                 # N = 8192 and 16384, on the GPU
   python benchmarks/fused_ce.py --quick         # small shapes, runs on CPU in seconds
@@ -24,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from memory_planner import LiveBytes  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
 from nbhelpers.kernels.cross_entropy import fused_linear_cross_entropy
 
 MB = 2**20
@@ -58,7 +61,15 @@ def measure(fn, n, h, v, dtype, device, trainable, reps):
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) / MB if cuda else None
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / MB
+    else:
+        hidden.grad = weight.grad = None
+        mode = LiveBytes([hidden, weight, labels])
+        base = mode.now
+        with mode:
+            fn(hidden, weight, labels).backward()
+        peak = (mode.peak - base) / MB
     outputs = (hidden.numel() + (weight.numel() if trainable else 0)) * hidden.element_size() / MB
     result = {"seconds": statistics.median(times), "peak_extra_mb": peak, "unavoidable_mb": outputs,
               "loss": loss.item(), "grad_hidden_norm": hidden.grad.float().norm().item()}
@@ -98,8 +109,8 @@ def main(argv=None):
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["peak_extra_mb"] / r["unavoidable_mb"] if r["peak_extra_mb"] is not None else None
-        pk = f"{r['peak_extra_mb']:.0f}" if r["peak_extra_mb"] is not None else "n/a"
-        print(f"| {r['tokens']} | {r['path']} | {r['seconds'] * 1e3:.1f} | {pk} | {r['unavoidable_mb']:.0f} | "
+        pk = f"{r['peak_extra_mb']:.1f}" if r["peak_extra_mb"] is not None else "n/a"
+        print(f"| {r['tokens']} | {r['path']} | {r['seconds'] * 1e3:.1f} | {pk} | {r['unavoidable_mb']:.1f} | "
               f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {r['loss']:.5f} |")
     for n in args.tokens:
         pl, fu = [r for r in rows if r["tokens"] == n]
