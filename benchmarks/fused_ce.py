@@ -7,7 +7,7 @@ Head frozen (the LoRA case: only d hidden is needed) or trainable (`--trainable-
 
 Peak memory is reported above what the inputs already hold, next to the "unavoidable outputs": d hidden (N x H)
 plus, with a trainable head, d W (V x H). On CUDA it is the allocator's peak; on CPU the peak of live tensor
-storages seen by a dispatch mode (memory_planner.LiveBytes: what an allocator would count, with no cache slack).
+storages seen by a dispatch mode (nbhelpers.memory.LiveBytes: what an allocator would count, with no cache slack).
 Time is the median of `--reps` runs after one warm-up (on CPU the tracked run is an extra one, not timed).
 
   python benchmarks/fused_ce.py                 # N = 8192 and 16384, on the GPU
@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memory_planner import LiveBytes  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
 from nbhelpers.kernels.cross_entropy import fused_linear_cross_entropy
+from nbhelpers.memory import LiveBytes
 
 MB = 2**20
 

@@ -18,47 +18,15 @@ import argparse
 import json
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbhelpers import memory, offload  # noqa: E402
+from nbhelpers.memory import LiveBytes  # noqa: E402
 
 GB = 2**30
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak of the summed sizes of live CPU tensor storages (each storage counted once, until it is freed)."""
-
-    def __init__(self, tensors=()):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-        for t in tensors:
-            self.track(t)
-
-    def track(self, t):
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self.live or st.device.type != "cpu":
-            return
-        self.live[key] = st.nbytes()
-        self.now += st.nbytes()
-        self.peak = max(self.peak, self.now)
-        weakref.finalize(st, self._free, key)
-
-    def _free(self, key):
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
-        return out
 
 
 def qwen25_1p5b():

@@ -13,6 +13,8 @@ import torch
 import nbhelpers  # noqa: F401  registers "nbhelpers"
 from nbhelpers.kernels import attention as attn_pkg
 
+from batches import left_padded
+
 KERNEL_MODULES = ("reductions", "forward", "backward_dkdv", "backward_dq", "decode", "decode_combine")
 
 
@@ -32,23 +34,13 @@ def tiny_qwen2():
     return Qwen2ForCausalLM(cfg)
 
 
-def left_padded_batch(vocab, lengths=(14, 10), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), L), generator=g)
-    mask = torch.zeros(len(lengths), L, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, L - n:] = 1
-    return ids, mask
-
-
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def compare_train_step(model_a, model_b, vocab, tol=1e-5):
     """Logits at valid positions and every parameter gradient, nbhelpers (a) vs eager (b)."""
-    ids, mask = left_padded_batch(vocab)
+    ids, mask = left_padded(vocab)
     # the loss at position t scores logits[t - 1]: only positions whose previous token is real count (the outputs at
     # padding positions are undefined; eager attends uniformly there, we return zeros)
     prev_real = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
@@ -97,7 +89,7 @@ def test_qwen2_and_set_attn_implementation():
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama"])
 def test_generate_with_cache_left_padded(arch, request):
     path = request.getfixturevalue(f"tiny_{arch}")
-    ids, mask = left_padded_batch(300, lengths=(11, 6), seed=1)
+    ids, mask = left_padded(300, lengths=(11, 6), seed=1)
     tokens = []
     for impl in ("nbhelpers", "eager"):
         model = load(path, impl).eval()

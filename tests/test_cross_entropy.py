@@ -5,16 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import nbhelpers.kernels.cross_entropy as ce_module
 from nbhelpers.kernels import interpreting
+from nbhelpers.memory import LiveBytes
 
 N, H, V = 37, 24, 101  # odd on purpose; chunk_bytes below forces chunks of 8 rows (the last one partial)
 CHUNK = 8 * 4 * V
@@ -273,36 +271,6 @@ def test_resident_memory_far_below_full_logits(head, n):
     # A CPU chunk holds <= 32 MiB of logits (trainable: <= 0.15x the outputs, 30 MiB, logits and dz together);
     # 64 MiB over the outputs leaves room for BLAS buffers and fails on one N x V/4 block (196 MiB at N=1024).
     assert r["growth"] - outputs < 64 * 2**20, r
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak of the summed sizes of live tensor storages (each counted once, until freed): what a caching allocator
-    would call allocated memory, independent of malloc. (A copy of benchmarks/memory_planner.py's tracker.)"""
-
-    def __init__(self, tensors=()):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-        for t in tensors:
-            self.track(t)
-        self.base = self.now
-
-    def track(self, t):
-        st = t.untyped_storage()
-        if st._cdata not in self.live:
-            self.live[st._cdata] = st.nbytes()
-            self.now += st.nbytes()
-            self.peak = max(self.peak, self.now)
-            weakref.finalize(st, self._free, st._cdata)
-
-    def _free(self, key):
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
-        return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -187,6 +187,16 @@ def _lora(E, i, o, r, g):
             "rhs": torch.randn(E, r, o, generator=g, requires_grad=True), "scaling": 0.7}
 
 
+def grouped_reference(x, w, counts, lora, fmt):
+    """Plain autograd: each expert's rows times fake_quantize (STE) of its merged weight `w[e] + s * lhs_e @ rhs_e`."""
+    ys, start = [], 0
+    for e, n in enumerate(counts):
+        merged = w[e] + lora["scaling"] * lora["lhs"][e] @ lora["rhs"][e]
+        ys.append(x[start:start + n] @ fake_quantize(merged.t(), fmt).t())
+        start += n
+    return torch.cat(ys)
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_grouped_matmul_matches_autograd_reference(fmt):
     """The fused Function vs plain autograd through `fake_quantize` (STE) on each expert's merged weight."""
@@ -199,12 +209,7 @@ def test_grouped_matmul_matches_autograd_reference(fmt):
     y = fq_grouped_matmul(x, w, counts, fmt, lora)
     dy = torch.randn(y.shape, generator=g)
     grads = torch.autograd.grad(y, (x, w, lora["lhs"], lora["rhs"]), dy)
-    ys, start = [], 0
-    for e, n in enumerate(counts):
-        merged = w[e] + lora["scaling"] * lora["lhs"][e] @ lora["rhs"][e]
-        ys.append(x[start:start + n] @ fake_quantize(merged.t(), fmt).t())
-        start += n
-    ref = torch.cat(ys)
+    ref = grouped_reference(x, w, counts, lora, fmt)
     ref_grads = torch.autograd.grad(ref, (x, w, lora["lhs"], lora["rhs"]), dy)
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, ref_grads):
@@ -230,12 +235,7 @@ def test_grouped_matmul_on_frozen_mxfp4_experts_matches_autograd_reference(fmt):
     y = fq_grouped_matmul(x, Mxfp4Weights(blocks, scales), counts, fmt, lora)
     dy = torch.randn(y.shape, generator=g)
     grads = torch.autograd.grad(y, (x, lora["lhs"], lora["rhs"]), dy)
-    ys, start = [], 0
-    for e, n in enumerate(counts):
-        merged = dense[e] + lora["scaling"] * lora["lhs"][e] @ lora["rhs"][e]
-        ys.append(x[start:start + n] @ fake_quantize(merged.t(), fmt).t())
-        start += n
-    ref = torch.cat(ys)
+    ref = grouped_reference(x, dense, counts, lora, fmt)
     ref_grads = torch.autograd.grad(ref, (x, lora["lhs"], lora["rhs"]), dy)
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5), (y - ref).abs().max()
     for a, b in zip(grads, ref_grads):

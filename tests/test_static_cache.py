@@ -16,6 +16,8 @@ import torch
 import nbhelpers  # noqa: F401  registers "nbhelpers"
 from nbhelpers.kernels import attention as attn_pkg
 
+from batches import left_padded
+
 KERNEL_MODULES = ("reductions", "forward", "backward_dkdv", "backward_dq", "decode", "decode_combine")
 
 
@@ -32,16 +34,6 @@ def load(path, impl):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).eval()
-
-
-def left_padded(vocab, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    L = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), L), generator=g)
-    mask = torch.zeros(len(lengths), L, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, L - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def rel(a, b):
@@ -68,7 +60,7 @@ def compare_static_with_eager(path, lengths, steps, max_cache_len=None):
     from transformers import DynamicCache, StaticCache
 
     eager, ours = load(path, "eager"), load(path, "nbhelpers")
-    ids, mask = left_padded(min(300, eager.config.vocab_size), lengths)
+    ids, mask = left_padded(min(300, eager.config.vocab_size), lengths, pad_id=0)
     want, tokens = prefill_and_decode(eager, DynamicCache(config=eager.config), ids, mask, steps)
     cache = StaticCache(config=ours.config, max_cache_len=max_cache_len or ids.shape[1] + steps + 5)
     got, _ = prefill_and_decode(ours, cache, ids, mask, steps, tokens)
@@ -98,7 +90,7 @@ def test_static_generate_gives_eager_greedy_tokens(arch, lengths, request):
     tokens = []
     for impl, cache in (("eager", None), ("nbhelpers", "static")):
         model = load(path, impl)
-        ids, mask = left_padded(min(300, model.config.vocab_size), lengths, seed=1)
+        ids, mask = left_padded(min(300, model.config.vocab_size), lengths, seed=1, pad_id=0)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, top_p=None,
                              top_k=None, temperature=None, pad_token_id=0, cache_implementation=cache)
         tokens.append(out[:, ids.shape[1]:])
