@@ -16,7 +16,7 @@ QAT forward reads `parametrizations[name].original` and the LoRA terms from it i
 
 LoRA-QAT on a small GPU keeps the base experts as the checkpoint's MXFP4 bytes (`Mxfp4Experts`, frozen uint8): the
 same Function then decodes one expert at a time (`Mxfp4Weights`), adds its LoRA term and fake-quantizes the sum, so
-the bf16 expert stack never exists (gpt-oss-20b: 12.8 GB of experts in bf16, 3.2 GB as MXFP4 bytes).
+the bf16 expert stack never exists (gpt-oss-20b: 38 GB of experts in bf16, 10 GB as MXFP4 bytes).
 """
 from __future__ import annotations
 

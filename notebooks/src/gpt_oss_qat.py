@@ -21,9 +21,10 @@
 # NVFP4 (E4M3 scale per 16 + an FP32 tensor scale).
 #
 # `preset="full"` fine-tunes `openai/gpt-oss-20b` on `HuggingFaceH4/Multilingual-Thinking` (reason in the language
-# the user asks for). The memory planner picks the variant: **full QAT** trains the expert weights themselves in bf16
-# (about 42 GB of weights plus their optimizer state: an 80 GB GPU), **LoRA-QAT** keeps the checkpoint's MXFP4 expert
-# bytes frozen (3.2 GB instead of 12.8 GB in bf16) and trains LoRA on attention and every expert. `preset="tiny"` runs
+# the user asks for). The memory planner picks the variant: **full QAT** trains the 19B expert weights themselves
+# (bf16 masters, gradients and AdamW state: about 227 GB by the planner, a multi-GPU job), **LoRA-QAT** keeps the
+# checkpoint's MXFP4 expert bytes frozen (10 GB instead of 38 GB in bf16) and trains LoRA on attention and every
+# expert: about 22 GB estimated at the full preset's 2 × 1024 tokens (a 24 GB GPU). `preset="tiny"` runs
 # the same code on CPU with a tiny gpt-oss stored like the real checkpoint (MXFP4 experts) and a synthetic
 # multilingual task.
 #
