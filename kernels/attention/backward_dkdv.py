@@ -11,6 +11,8 @@ p < j + W can see key j, so the query loop is a band too.
 import triton
 import triton.language as tl
 
+from .reductions import visible
+
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, CU_Q, CU_K,
@@ -74,6 +76,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, CU_Q, CU_K,
         m_lo = tl.maximum(m_lo, start_n - shift)
     if HAS_WINDOW:
         m_hi = tl.minimum(m_hi, start_n + BLOCK_N - 1 + window - shift)
+    kv0 = 0  # no left padding (the mask ignores it then)
     if HAS_KV_START:
         kv0 = tl.load(KV_START + b)
         m_hi = tl.where(start_n + BLOCK_N <= kv0, m_lo, m_hi)  # every key here is padding
@@ -93,13 +96,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, CU_Q, CU_K,
             delta = tl.load(delta_base + h64 * stride_lh + rows, mask=row_ok, other=0.0)
             pos = shift + rows
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            vis = col_ok[:, None] & row_ok[None, :]
-            if HAS_KV_START:
-                vis = vis & (offs_n[:, None] >= kv0)
-            if CAUSAL:
-                vis = vis & (offs_n[:, None] <= pos[None, :])
-            if HAS_WINDOW:
-                vis = vis & (pos[None, :] - offs_n[:, None] < window)
+            vis = visible(col_ok[:, None] & row_ok[None, :], pos[None, :], offs_n[:, None], kv0, window,
+                          HAS_KV_START, CAUSAL, HAS_WINDOW)  # transposed tile: keys on rows
             p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)

@@ -9,6 +9,8 @@ Keeping dQ separate from dK/dV avoids atomics: each program writes only its own 
 import triton
 import triton.language as tl
 
+from .reductions import visible
+
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, CU_Q, CU_K,
@@ -68,6 +70,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, CU_Q, CU_K,
 
     lo = shift * 0
     hi = lk + shift * 0
+    kv0 = 0  # no left padding (the mask ignores it then)
     if HAS_KV_START:
         kv0 = tl.load(KV_START + b)
         lo = tl.maximum(lo, kv0)
@@ -86,13 +89,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, CU_Q, CU_K,
         k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        vis = col_ok[None, :] & row_ok[:, None]
-        if HAS_KV_START:
-            vis = vis & (cols[None, :] >= kv0)
-        if CAUSAL:
-            vis = vis & (cols[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (pos[:, None] - cols[None, :] < window)
+        vis = visible(col_ok[None, :] & row_ok[:, None], pos[:, None], cols[None, :], kv0, window,
+                      HAS_KV_START, CAUSAL, HAS_WINDOW)
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

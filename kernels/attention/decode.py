@@ -16,7 +16,7 @@ buffer this way, so one compiled decode step (a CUDA graph) serves every length 
 import triton
 import triton.language as tl
 
-from .reductions import row_max, row_sum
+from .reductions import row_max, row_sum, visible
 
 
 @triton.jit
@@ -67,11 +67,9 @@ def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START, KV_END,
         k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = s.to(tl.float32)  # stays fp32 even when torch.compile hands the scale over as fp64
-        vis = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            vis = vis & (cols[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (pos[:, None] - cols[None, :] < window)
+        # left padding is excluded by the loop's lower bound (lo >= kv0)
+        vis = visible(col_ok[None, :] & row_ok[:, None], pos[:, None], cols[None, :], 0, window, False, CAUSAL,
+                      HAS_WINDOW)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, row_max(s))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

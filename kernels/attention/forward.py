@@ -17,7 +17,7 @@ makes every recomputed probability zero.
 import triton
 import triton.language as tl
 
-from .reductions import row_max, row_sum
+from .reductions import row_max, row_sum, visible
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -74,6 +74,7 @@ def _attn_fwd(Q, K, V, O, LSE, SINKS, KV_START, CU_Q, CU_K,
     # the band of keys this block can see
     lo = shift * 0
     hi = lk + shift * 0
+    kv0 = 0  # no left padding (the mask ignores it then)
     if HAS_KV_START:
         kv0 = tl.load(KV_START + b)
         lo = tl.maximum(lo, kv0)
@@ -94,13 +95,8 @@ def _attn_fwd(Q, K, V, O, LSE, SINKS, KV_START, CU_Q, CU_K,
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = s.to(tl.float32)  # stays fp32 even when torch.compile hands the scale over as fp64
-        vis = col_ok[None, :] & row_ok[:, None]
-        if HAS_KV_START:
-            vis = vis & (cols[None, :] >= kv0)
-        if CAUSAL:
-            vis = vis & (cols[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (pos[:, None] - cols[None, :] < window)
+        vis = visible(col_ok[None, :] & row_ok[:, None], pos[:, None], cols[None, :], kv0, window,
+                      HAS_KV_START, CAUSAL, HAS_WINDOW)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, row_max(s))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

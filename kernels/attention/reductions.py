@@ -1,4 +1,5 @@
-"""Row max / row sum for the attention kernels: `tl.reduce` with combine functions defined here.
+"""Shared @triton.jit helpers of the attention kernels: row max / row sum (`tl.reduce` with combine functions defined
+here) and the visibility mask every kernel applies to its score tile.
 
 Same code as `tl.max` / `tl.sum` once compiled. Why not those: `tl.max`, `tl.sum` and `tl.zeros` are @triton.jit
 functions of triton.language.standard, and @triton.jit decides compiled vs interpreted when its module is imported.
@@ -28,3 +29,19 @@ def row_max(x):
 @triton.jit
 def row_sum(x):
     return tl.reduce(x, 1, _add_fn)
+
+
+@triton.jit
+def visible(ok, pos, cols, kv0, window, HAS_KV_START: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which scores of a tile count: key `cols` is visible to the query at absolute position `pos` iff it is in
+    range (`ok`, rows and columns together), not left padding (cols >= kv0), not in the future (cols <= pos) and
+    inside the window (pos - cols < window). `pos` and `cols` come broadcast to the tile's layout ([M, 1] and
+    [1, N], or transposed in the dK/dV kernel)."""
+    vis = ok
+    if HAS_KV_START:
+        vis = vis & (cols >= kv0)
+    if CAUSAL:
+        vis = vis & (cols <= pos)
+    if HAS_WINDOW:
+        vis = vis & (pos - cols < window)
+    return vis
