@@ -16,7 +16,7 @@ buffer this way, so one compiled decode step (a CUDA graph) serves every length 
 import triton
 import triton.language as tl
 
-from .reductions import row_max, row_sum, visible
+from .reductions import online_softmax, visible
 
 
 @triton.jit
@@ -71,11 +71,7 @@ def _attn_decode(Q, K, V, PART_O, PART_M, PART_L, KV_START, KV_END,
         vis = visible(col_ok[None, :] & row_ok[:, None], pos[:, None], cols[None, :], 0, window, False, CAUSAL,
                       HAS_WINDOW)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, row_max(s))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + row_sum(p)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new

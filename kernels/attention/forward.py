@@ -17,7 +17,7 @@ makes every recomputed probability zero.
 import triton
 import triton.language as tl
 
-from .reductions import row_max, row_sum, visible
+from .reductions import online_softmax, visible
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -98,11 +98,7 @@ def _attn_fwd(Q, K, V, O, LSE, SINKS, KV_START, CU_Q, CU_K,
         vis = visible(col_ok[None, :] & row_ok[:, None], pos[:, None], cols[None, :], kv0, window,
                       HAS_KV_START, CAUSAL, HAS_WINDOW)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, row_max(s))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + row_sum(p)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)

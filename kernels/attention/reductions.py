@@ -1,5 +1,6 @@
 """Shared @triton.jit helpers of the attention kernels: row max / row sum (`tl.reduce` with combine functions defined
-here) and the visibility mask every kernel applies to its score tile.
+here), the visibility mask every kernel applies to its score tile, and the online-softmax step of the forward and
+decode loops.
 
 Same code as `tl.max` / `tl.sum` once compiled. Why not those: `tl.max`, `tl.sum` and `tl.zeros` are @triton.jit
 functions of triton.language.standard, and @triton.jit decides compiled vs interpreted when its module is imported.
@@ -45,3 +46,15 @@ def visible(ok, pos, cols, kv0, window, HAS_KV_START: tl.constexpr, CAUSAL: tl.c
     if HAS_WINDOW:
         vis = vis & (pos - cols < window)
     return vis
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i):
+    """One key block of the online softmax (base 2): s [M, N] scores (-inf where hidden), m_i / l_i the running row
+    max and sum. Returns (p, alpha, m_new, l_new): the block's unnormalised probabilities, the factor that rescales
+    what was accumulated so far, and the updated max and sum. Rows with nothing visible yet keep p = 0, alpha = 1."""
+    m_new = tl.maximum(m_i, row_max(s))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + row_sum(p)
