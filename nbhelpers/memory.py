@@ -19,8 +19,11 @@ length, until the estimate fits, or refuses with WontFitError.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 GB = 2**30
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -336,53 +339,43 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
     return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "estimate": est, "changes": changes}
 
 
-def _live_bytes_class():
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
 
-    class LiveBytes(TorchDispatchMode):
-        """Peak of the summed sizes of live tensor storages (each storage counted once, from the op that made it
-        until it is freed): what a caching allocator would call allocated memory, with no cache slack and
-        independent of malloc. Used on CPU to check algorithmic memory (tests, benchmarks).
+class LiveBytes(TorchDispatchMode):
+    """Peak of the summed sizes of live tensor storages (each storage counted once, from the op that made it until
+    it is freed): what a caching allocator would call allocated memory, with no cache slack and independent of
+    malloc. Used on CPU to check algorithmic memory (tests, benchmarks).
 
-            with LiveBytes([inputs...]) as m:   # storages that exist already count from the start (m.base)
-                run()
-            m.peak - m.base                      # the most the run added at any moment
+        with LiveBytes([inputs...]) as m:   # storages that exist already count from the start (m.base)
+            run()
+        m.peak - m.base                      # the most the run added at any moment
 
-        device_type: count only storages on that device type ("cpu"), or every storage (None).
-        """
+    device_type: count only storages on that device type ("cpu"), or every storage (None).
+    """
 
-        def __init__(self, tensors=(), device_type: str | None = "cpu"):
-            super().__init__()
-            self.device_type = device_type
-            self.live, self.now, self.peak = {}, 0, 0
-            for t in tensors:
+    def __init__(self, tensors=(), device_type: str | None = "cpu"):
+        super().__init__()
+        self.device_type = device_type
+        self.live, self.now, self.peak = {}, 0, 0
+        for t in tensors:
+            self.track(t)
+        self.base = self.now
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live or (self.device_type is not None and st.device.type != self.device_type):
+            return
+        self.live[key] = st.nbytes()
+        self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
                 self.track(t)
-            self.base = self.now
-
-        def track(self, t: torch.Tensor) -> None:
-            import weakref
-
-            st = t.untyped_storage()
-            key = st._cdata
-            if key in self.live or (self.device_type is not None and st.device.type != self.device_type):
-                return
-            self.live[key] = st.nbytes()
-            self.now += st.nbytes()
-            self.peak = max(self.peak, self.now)
-            weakref.finalize(st, self._free, key)
-
-        def _free(self, key) -> None:
-            self.now -= self.live.pop(key, 0)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.track(t)
-            return out
-
-    return LiveBytes
-
-
-LiveBytes = _live_bytes_class()
+        return out

@@ -64,7 +64,7 @@ def quantized_experts(experts_outer, fmt: str = "mxfp4") -> dict[str, torch.Tens
                 out[name] = torch.empty(tuple(w.shape), dtype=fmt)
                 for e in range(w.shape[0]):
                     out[name][e].copy_(merged_expert_weight(w, e, lora).t())
-                out[f"{name}_bias"] = _host(getattr(base, f"{name}_bias")).to(fmt)
+                out[f"{name}_bias"] = _host(getattr(base, f"{name}_bias"))  # cast with everything else
                 continue
             stacks = None
             for e in range(w.shape[0]):  # one expert at a time, written straight into the host-side stacks

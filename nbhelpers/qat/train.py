@@ -189,37 +189,19 @@ def active_lora(wrapped_experts):
 
 # ---------------------------------------------------------------- the QAT forwards
 def qat_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
-    """GptOssExperts' computation with fake-quantized expert weights (see the module docstring)."""
-    fmt = self.nbhelpers_qat
-    num_tokens, top_k = router_indices.shape
-    flat = router_indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    token = order // top_k
-    experts = flat[order]
-    x = hidden_states[token]
-    w, lora = expert_param_and_lora(self, "gate_up_proj")
-    gate_up = fq_grouped_matmul(x, w, counts, fmt, lora) + self.gate_up_proj_bias[experts]
-    act = self._apply_gate(gate_up)
-    w, lora = expert_param_and_lora(self, "down_proj")
-    out = fq_grouped_matmul(act, w, counts, fmt, lora) + self.down_proj_bias[experts]
-    out = out * routing_weights.reshape(-1)[order, None]
-    next_states = torch.zeros_like(hidden_states)
-    return next_states.index_add_(0, token, out.to(hidden_states.dtype))
-
-
-def qat_mxfp4_experts_forward(self, hidden_states, router_indices=None, routing_weights=None):
-    """`Mxfp4Experts`' computation with every routed expert at fq(decode(blocks, scales) + s * B @ A) (LoRA-QAT)."""
+    """The routed experts' computation with every routed expert at fq(W_e + s * B_e @ A_e) (see the module docstring),
+    for transformers' `GptOssExperts` (dense weights, peft's expert LoRA) and our `Mxfp4Experts` (MXFP4 bytes)."""
     fmt = self.nbhelpers_qat
     shape = hidden_states.shape
-    x = hidden_states.reshape(-1, self.hidden_size)
+    x = hidden_states.reshape(-1, shape[-1])
     if routing_weights.shape != router_indices.shape:  # older transformers pass dense scores [T, E]
         routing_weights = routing_weights.gather(-1, router_indices.long())
     order, token, counts = sort_routes(router_indices, self.num_experts)
     experts = router_indices.reshape(-1).long()[order]
     w, lora = experts_weight_and_lora(self, "gate_up_proj")
     h = fq_grouped_matmul(x[token], w, counts, fmt, lora) + self.gate_up_proj_bias[experts]
-    act = gpt_oss_swiglu(h, self.alpha, self.limit)
+    # transformers' own activation where the module has one; ours (the same math) for Mxfp4Experts
+    act = self._apply_gate(h) if hasattr(self, "_apply_gate") else gpt_oss_swiglu(h, self.alpha, self.limit)
     w, lora = experts_weight_and_lora(self, "down_proj")
     out = fq_grouped_matmul(act, w, counts, fmt, lora) + self.down_proj_bias[experts]
     out = out * routing_weights.reshape(-1)[order, None]
@@ -249,9 +231,6 @@ def _is_experts(module) -> bool:
     return isinstance(module, Mxfp4Experts) or (type(module).__name__ == "GptOssExperts"
                                                 and all(hasattr(module, n) for n in EXPERT_PARAMS))
 
-
-def _experts_forward(module):
-    return qat_mxfp4_experts_forward if isinstance(module, Mxfp4Experts) else qat_experts_forward
 
 
 def _base(module):
@@ -298,7 +277,7 @@ def prepare_qat(model, fmt: str = "mxfp4", targets="experts", trainable: bool | 
                 if w.shape[1] % block:
                     raise ValueError(f"{clean}.{p}: input dim {w.shape[1]} is not a multiple of the {fmt} block "
                                      f"{block} (HF layout [E, in, out], found {tuple(w.shape)})")
-            module.forward = types.MethodType(_experts_forward(module), module)
+            module.forward = types.MethodType(qat_experts_forward, module)
         else:
             if _base(module).in_features % block:
                 raise ValueError(f"{clean}: in_features {_base(module).in_features} is not a multiple of the "
@@ -341,4 +320,4 @@ def qat_disabled(model):
     finally:
         for n, m in saved.items():
             m.nbhelpers_qat = fmts[n]
-            m.forward = types.MethodType(_experts_forward(m) if _is_experts(m) else qat_linear_forward, m)
+            m.forward = types.MethodType(qat_experts_forward if _is_experts(m) else qat_linear_forward, m)
