@@ -11,7 +11,8 @@ A spec is a plain dict:
     {"module": "nbhelpers.kernels.attention.forward", "kernel": "_attn_fwd",
      "signature": {"Q": "*fp16", "L": "i32", "BLOCK_M": "constexpr", ...},
      "constexprs": {"BLOCK_M": 64, ...}, "num_warps": 4, "num_stages": 2, "cc": 75}
-and the result for it is {"shared": bytes of shared memory, "n_regs": ..., "n_spills": ..., "cubin_bytes": ...}.
+and the result for it is {"shared": bytes of shared memory, "n_regs": ..., "n_spills": ..., "cubin_bytes": ...,
+"fma_f32": fp32 fused multiply-adds in the PTX}. A spec may also set "enable_fp_fusion" (Triton's option).
 """
 from __future__ import annotations
 
@@ -38,12 +39,15 @@ def _compile_one(spec: dict) -> dict:
     constexprs = {k: v for k, v in spec.get("constexprs", {}).items()}
     src = ASTSource(fn, signature=spec["signature"], constexprs=constexprs)
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2)}
+    if "enable_fp_fusion" in spec:
+        options["enable_fp_fusion"] = spec["enable_fp_fusion"]
     compiled = triton.compile(src, target=GPUTarget("cuda", spec["cc"], 32), options=options)
     return {
         "shared": int(compiled.metadata.shared),
         "n_regs": getattr(compiled, "n_regs", None),
         "n_spills": getattr(compiled, "n_spills", None),
         "cubin_bytes": len(compiled.asm["cubin"]),
+        "fma_f32": compiled.asm["ptx"].count("fma.rn.f32"),  # fused multiply-adds: exactness checks count them
     }
 
 

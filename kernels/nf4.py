@@ -13,6 +13,11 @@ subtracting their mean `offset`:
 
 This is exactly the order of operations bitsandbytes uses (its CPU and CUDA kernels multiply in fp32 and round
 once), so the result is bit-exact. A last, partial block (numel not a multiple of blocksize) is handled the same way.
+
+The Triton kernel gives each lane one packed byte: two code-book reads from a 16-entry table (L1-resident), one
+absmax per byte (both nibbles share a block, blocksize being even), and both elements written side by side; the
+double-quantized absmax is decoded in the same kernel, so a call is one launch. Multiply and add stay separately
+rounded (`enable_fp_fusion=False`) to match bitsandbytes bit for bit.
 """
 from __future__ import annotations
 
@@ -74,32 +79,38 @@ def dequantize_nf4_reference(packed: torch.Tensor, quant_state) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _nf4_dequant_kernel(P, ABSMAX, OUT, n, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
-        # BLOCK is a multiple of BLOCKSIZE (and even): the program's start is int64 (models exceed 2^31 elements),
-        # offsets inside it int32, and the divisions are shifts by constants.
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-        local = tl.arange(0, BLOCK)
-        mask = local < n - start
-        byte = tl.load(P + start // 2 + local // 2, mask=mask, other=0).to(tl.int32)
-        nib = tl.where((local % 2) == 0, byte >> 4, byte & 15)
-        # NF4 code book as a select chain (no gather from a table in Triton)
-        v = tl.where(nib == 0, -1.0, 0.0)
-        v = tl.where(nib == 1, -0.6961928009986877, v)
-        v = tl.where(nib == 2, -0.5250730514526367, v)
-        v = tl.where(nib == 3, -0.39491748809814453, v)
-        v = tl.where(nib == 4, -0.28444138169288635, v)
-        v = tl.where(nib == 5, -0.18477343022823334, v)
-        v = tl.where(nib == 6, -0.09105003625154495, v)
-        v = tl.where(nib == 8, 0.07958029955625534, v)
-        v = tl.where(nib == 9, 0.16093020141124725, v)
-        v = tl.where(nib == 10, 0.24611230194568634, v)
-        v = tl.where(nib == 11, 0.33791524171829224, v)
-        v = tl.where(nib == 12, 0.44070982933044434, v)
-        v = tl.where(nib == 13, 0.5626170039176941, v)
-        v = tl.where(nib == 14, 0.7229568362236023, v)
-        v = tl.where(nib == 15, 1.0, v)
-        a = tl.load(ABSMAX + start // BLOCKSIZE + local // BLOCKSIZE, mask=mask, other=0.0)
-        tl.store(OUT + start + local, (v.to(tl.float32) * a).to(OUT.dtype.element_ty), mask=mask)
+    def _nf4_dequant_kernel(P, ABSMAX, CODE2, ABSMAX2, OFFSET, LUT, OUT, n_bytes, n,
+                            NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                            BYTES: tl.constexpr):
+        # One lane per packed byte: it writes the byte's two elements (high nibble first). BYTES is a multiple of
+        # BLOCKSIZE / 2, so the program's first absmax block is a scalar and the rest are shifts of lane offsets.
+        # The program's start is int64 (models exceed 2^31 elements); offsets inside it are int32.
+        start = tl.program_id(0).to(tl.int64) * BYTES
+        local = tl.arange(0, BYTES)
+        byte = tl.load(P + start + local, mask=local < n_bytes - start, other=0).to(tl.int32)
+        hi = tl.load(LUT + (byte >> 4))  # the 16-entry code book stays in L1
+        lo = tl.load(LUT + (byte & 15))
+        block = start // (BLOCKSIZE // 2) + local // (BLOCKSIZE // 2)
+        if NESTED:  # absmax = code2[u8] * absmax2[block // BLOCKSIZE2] + offset, two fp32 roundings (no FMA)
+            a = tl.load(CODE2 + tl.load(ABSMAX + block).to(tl.int32)) * tl.load(ABSMAX2 + block // BLOCKSIZE2)
+            a = a + tl.load(OFFSET)
+        else:
+            a = tl.load(ABSMAX + block)
+        out = tl.interleave((hi * a).to(OUT.dtype.element_ty), (lo * a).to(OUT.dtype.element_ty))
+        pos = tl.arange(0, 2 * BYTES)
+        tl.store(OUT + 2 * start + pos, out, mask=pos < n - 2 * start)
+
+
+# Launch options, also used by the AOT test. No fp fusion: bitsandbytes rounds code2 * absmax2 before adding the
+# offset, and a fused multiply-add there would change the last bit of some absmax values.
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+_LUTS: dict = {}
+
+
+def _code_book(device) -> torch.Tensor:
+    if device not in _LUTS:
+        _LUTS[device] = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    return _LUTS[device]
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,16 +118,24 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
 
     Bit-exact with `bitsandbytes.functional.dequantize_4bit(packed, quant_state)`. Triton on CUDA (and under the
     interpreter), the plain-torch reference elsewhere. `out` may be a reusable buffer of the right shape/dtype.
+    One kernel launch: the double-quantized absmax is decoded inside it, not by separate torch ops.
     """
     if not use_triton(packed):
         result = dequantize_nf4_reference(packed, quant_state)
         return out.copy_(result) if out is not None else result
     _check(packed, quant_state)
-    absmax = absmax_fp32(quant_state).contiguous()
     if out is None:
         out = torch.empty(tuple(quant_state.shape), dtype=quant_state.dtype, device=packed.device)
-    n = out.numel()
-    block = max(1024, quant_state.blocksize)  # bitsandbytes' block sizes are powers of two from 32 to 4096
-    _nf4_dequant_kernel[(triton.cdiv(n, block),)](packed.reshape(-1), absmax, out, n,
-                                                  BLOCKSIZE=quant_state.blocksize, BLOCK=block)
+    n, bs = out.numel(), quant_state.blocksize
+    nested = bool(getattr(quant_state, "nested", False))
+    absmax = quant_state.absmax.contiguous() if nested else quant_state.absmax.float().contiguous()
+    s2 = quant_state.state2 if nested else None
+    code2 = s2.code.to(packed.device, torch.float32).contiguous() if nested else absmax
+    absmax2 = s2.absmax.float().contiguous() if nested else absmax
+    offset = quant_state.offset.float().reshape(1).to(packed.device) if nested else absmax
+    packed = packed.reshape(-1)
+    nbytes = max(1024, bs // 2)  # bitsandbytes' block sizes are powers of two from 32 to 4096
+    _nf4_dequant_kernel[(triton.cdiv(packed.numel(), nbytes),)](
+        packed, absmax, code2, absmax2, offset, _code_book(packed.device), out, packed.numel(), n,
+        NESTED=nested, BLOCKSIZE=bs, BLOCKSIZE2=s2.blocksize if nested else 1, BYTES=nbytes, **LAUNCH_OPTIONS)
     return out

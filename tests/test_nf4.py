@@ -50,6 +50,15 @@ def test_dequant_bit_exact(path, nested, shape):
         assert torch.equal(bits(got), bits(want)), (dtype, (got != want).sum())
 
 
+@pytest.mark.parametrize("path", [PATH])
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+def test_dequant_block_sizes(path, blocksize):
+    # 4096 blocks are longer than one program's 1024 bytes: each program then covers one absmax block
+    w = torch.randn(3, 3001, generator=torch.Generator().manual_seed(blocksize)).half()
+    packed, qs = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(bits(dequantize_nf4(packed, qs)), bits(BF.dequantize_4bit(packed, qs).reshape(w.shape)))
+
+
 def test_dequant_bad_input():
     packed, qs = BF.quantize_4bit(torch.randn(8, 64), blocksize=64, quant_type="nf4")
     with pytest.raises(TypeError, match="uint8"):
@@ -121,12 +130,18 @@ def test_peft_model_same_loss_and_lora_grads(tiny_llama):
 
 def test_aot_compile():
     from nbhelpers.kernels.aot import SHARED_MEMORY_LIMIT, compile_specs
+    from nbhelpers.kernels.nf4 import LAUNCH_OPTIONS
 
     specs = [{"module": "nbhelpers.kernels.nf4", "kernel": "_nf4_dequant_kernel",
-              "signature": {"P": "*u8", "ABSMAX": "*fp32", "OUT": out, "n": "i64", "BLOCKSIZE": "constexpr",
-                            "BLOCK": "constexpr"},
-              "constexprs": {"BLOCKSIZE": 64, "BLOCK": 1024}, "num_warps": 4, "num_stages": 1, "cc": cc}
-             for cc, out in ((75, "*fp16"), (80, "*bf16"), (90, "*bf16"))]
+              "signature": {"P": "*u8", "ABSMAX": "*u8" if nested else "*fp32", "CODE2": "*fp32", "ABSMAX2": "*fp32",
+                            "OFFSET": "*fp32", "LUT": "*fp32", "OUT": out, "n_bytes": "i64", "n": "i64",
+                            "NESTED": "constexpr", "BLOCKSIZE": "constexpr", "BLOCKSIZE2": "constexpr",
+                            "BYTES": "constexpr"},
+              "constexprs": {"NESTED": nested, "BLOCKSIZE": 64, "BLOCKSIZE2": 256 if nested else 1, "BYTES": 1024},
+              "num_stages": 1, "cc": cc, **LAUNCH_OPTIONS}
+             for cc, out in ((75, "*fp16"), (80, "*bf16"), (90, "*bf16")) for nested in (True, False)]
     for spec, res in zip(specs, compile_specs(specs)):
         assert "error" not in res, (spec["cc"], res)
         assert res["shared"] <= SHARED_MEMORY_LIMIT[spec["cc"]]
+        # bitsandbytes rounds code2 * absmax2 before adding the offset: a fused multiply-add would not be bit-exact
+        assert res["fma_f32"] == 0, (spec["cc"], res)
