@@ -7,15 +7,18 @@ What it measures, in one process:
                (`Mxfp4Experts`) vs transformers' `GptOssExperts` holding the same weights dequantized to the compute
                dtype (its eager loop over routed experts); time per call, peak memory, output difference
   step         one LoRA SFT step (forward + backward + AdamW on LoRA) of the whole model: batch 1 x tokens, random
-               ids as input and labels, LoRA r=16 alpha=32 on attention and every expert (`nbhelpers.add_lora`),
-               non-reentrant gradient checkpointing; tokens/s and peak allocated/reserved memory, or OOM
+               ids as input and labels, LoRA (r=16 alpha=32 unless set) on attention and every expert
+               (`nbhelpers.add_lora`), non-reentrant gradient checkpointing; tokens/s and peak allocated/reserved
+               memory, or OOM, next to the memory planner's prediction for the same settings. `--t4` is the recipe meant for a T4 (cap at
+               14.74 GiB less the CUDA context, our attention, offloaded checkpointing and embedding table, fused
+               CE, r=8, 8-bit AdamW); its target is a peak of at most 14 GB at 2048 tokens.
 
 The model has gpt-oss-20b's shapes (24 layers, 32 experts top-4, hidden 2880, vocab 201,088) with random weights,
 built on the meta device and materialised directly on the GPU: expert blocks are random bytes with scales near
 2^-8, other weights N(0, 0.02), norms 1. No checkpoint is read or written.
 
   python benchmarks/gpt_oss_step.py --tokens 1024 4096                       # H100: check, experts, step
-  python benchmarks/gpt_oss_step.py --tokens 2048 --memory-fraction t4       # emulate a T4's 14.74 GB
+  python benchmarks/gpt_oss_step.py --t4 --skip check experts                  # the T4 recipe under a T4's cap
   python benchmarks/gpt_oss_step.py --quick                                  # tiny shapes on CPU (smoke test)
 """
 from __future__ import annotations
@@ -31,7 +34,10 @@ import time
 import torch
 
 MB = 2**20
-T4_USABLE_BYTES = 14.74e9
+GIB = 2**30
+# A T4 reports 14.74 GiB to torch; its CUDA context (outside the allocator) takes a share of that, so the allocator
+# cap that emulates one on a bigger GPU is what remains after the planner's context allowance.
+T4_ALLOCATOR_BYTES = int(14.74 * GIB) - 400 * MB
 
 
 def gpt_oss_config(quick: bool):
@@ -214,9 +220,29 @@ def bench_experts(config, dtype, device, tokens: int, reps: int) -> dict:
     return res
 
 
-def bench_step(model, tokens: int, steps: int, warmup: int, device) -> dict:
+def make_optimizer(params, name: str):
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+def predicted(config, tokens: int, args, dtype) -> dict:
+    """The memory planner's estimate for this step's settings: allocated bytes (total minus its CUDA-context and
+    allocator-slack reserve, which the allocator's statistics do not count), in MB, and its peak phase."""
+    from nbhelpers.memory import estimate
+
+    est = estimate(config, seq_len=tokens, batch=1, lora_r=args.lora_r, quantization="mxfp4", dtype=dtype,
+                   offload_activations=args.offload, offload_embeddings=args.offload, fused_ce=args.fused_ce,
+                   attn_implementation=args.attn, optimizer=args.optim)
+    return {"allocated_mb": (est["total"] - est["reserve"]) / MB, "total_mb": est["total"] / MB,
+            "peak_phase": est.peak_phase}
+
+
+def bench_step(model, tokens: int, steps: int, warmup: int, device, optim: str = "adamw_torch") -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = make_optimizer(params, optim)
     batch = torch.randint(0, model.config.vocab_size, (1, tokens), device=device,
                           generator=torch.Generator(device=device).manual_seed(3))
     reset_peak(device)
@@ -251,12 +277,28 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1024 4096 16384)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--attn", default="eager", help="attention implementation (eager, sdpa, nbhelpers, ...)")
+    p.add_argument("--attn", default=None, help="attention implementation (eager, sdpa, nbhelpers, ...; "
+                                                  "default eager, nbhelpers with --t4)")
     p.add_argument("--memory-fraction", default=None,
-                   help="cap this process's GPU memory: a fraction, or 't4' for 14.74 GB")
+                   help="cap this process's GPU memory: a fraction, or 't4' (14.74 GiB less the CUDA context)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16, 8 with --t4)")
+    p.add_argument("--offload", action="store_true", help="offloaded checkpointing + the embedding table on the CPU")
+    p.add_argument("--fused-ce", action="store_true", help="loss through the fused linear cross-entropy")
+    p.add_argument("--optim", default=None, choices=["adamw_torch", "adamw_8bit"],
+                   help="optimizer (default adamw_torch, adamw_8bit with --t4)")
+    p.add_argument("--t4", action="store_true",
+                   help="the T4 recipe: --memory-fraction t4 --attn nbhelpers --offload --fused-ce --lora-r 8 "
+                        "--optim adamw_8bit, 2048 tokens (each can still be set explicitly)")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "experts", "step"])
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    if args.t4:
+        args.memory_fraction = args.memory_fraction or "t4"
+        args.offload = args.fused_ce = True
+        args.tokens = args.tokens or [2048]
+    args.attn = args.attn or ("nbhelpers" if args.t4 else "eager")
+    args.lora_r = args.lora_r or (8 if args.t4 else 16)
+    args.optim = args.optim or ("adamw_8bit" if args.t4 else "adamw_torch")
 
     import nbhelpers  # noqa: F401  (registers our kernels with transformers)  # pyflakes: ignore
     from nbhelpers.env import pick_device, pick_dtype
@@ -280,7 +322,7 @@ def main(argv=None):
         report["gpu"] = torch.cuda.get_device_name(device)
         if args.memory_fraction:
             total = torch.cuda.get_device_properties(device).total_memory
-            frac = T4_USABLE_BYTES / total if args.memory_fraction == "t4" else float(args.memory_fraction)
+            frac = T4_ALLOCATOR_BYTES / total if args.memory_fraction == "t4" else float(args.memory_fraction)
             torch.cuda.set_per_process_memory_fraction(frac, device)
             report["memory_cap_gb"] = frac * total / 1e9
 
@@ -296,15 +338,30 @@ def main(argv=None):
     if "step" not in args.skip:
         reset_peak(device)
         model = random_mxfp4_model(config, dtype, device, args.attn)
-        model = add_lora(model, r=16, alpha=32, gradient_checkpointing=True)
+        model = add_lora(model, r=args.lora_r, alpha=2 * args.lora_r, gradient_checkpointing=True)
+        if args.offload:
+            from nbhelpers.offload import enable_offloaded_checkpointing, offload_embeddings
+
+            enable_offloaded_checkpointing(model)
+            offload_embeddings(model, device)
+        if args.fused_ce:
+            from nbhelpers.fast import use_fused_loss
+
+            use_fused_loss(model)
         model.train()
         weights_mb = peaks(device)[0]
-        report["model"] = {"params_mb_after_load": weights_mb,
+        if device.type == "cuda":
+            weights_mb = torch.cuda.memory_allocated(device) / MB
+        report["model"] = {"allocated_mb_after_load": weights_mb, "lora_r": args.lora_r, "attn": args.attn,
+                           "offload": args.offload, "fused_ce": args.fused_ce, "optim": args.optim,
                            "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
         print("model:", json.dumps(report["model"]), flush=True)
         report["step"] = []
         for t in tokens:
-            r = bench_step(model, t, args.steps, args.warmup, device)
+            r = bench_step(model, t, args.steps, args.warmup, device, args.optim)
+            r["planner"] = predicted(config, t, args, dtype)
+            if r.get("peak_allocated_mb"):
+                r["planner_error"] = r["planner"]["allocated_mb"] / r["peak_allocated_mb"] - 1
             report["step"].append(r)
             print("step:", json.dumps(r), flush=True)
     if args.json:

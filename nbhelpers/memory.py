@@ -32,6 +32,18 @@ _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _QUANT_BYTES = {"nf4": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "mxfp4": 17 / 32}
 CUDA_CONTEXT = 400 * 2**20  # CUDA context + cuBLAS workspace: outside torch's allocator statistics
 FRAGMENTATION = 0.05  # caching-allocator slack on top of live tensors
+# optimizer names as transformers' / TRL's `optim` spells them ("adamw" is short for "adamw_torch")
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit")
+
+
+def optimizer_state_bytes(numel: int, optimizer: str) -> int:
+    """State bytes of one parameter tensor. AdamW: two fp32 moments. bitsandbytes' AdamW8bit (`adamw_8bit`, and
+    `paged_adamw_8bit`, whose pages may also move to the host under pressure): two uint8 moments, one fp32 absmax
+    per 256-value block of each and two 256-entry fp32 code maps; tensors under 4096 values keep 32-bit state, as
+    bitsandbytes does (`min_8bit_size`)."""
+    if not optimizer.endswith("_8bit") or numel < 4096:
+        return 8 * numel
+    return 2 * numel + 2 * 4 * math.ceil(numel / 256) + 2 * 256 * 4
 
 
 class WontFitError(RuntimeError):
@@ -63,7 +75,7 @@ def _count_uncached(config) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     counts = {"embed": 0, "head": 0, "linear": 0, "experts": 0, "other": 0, "lora_shapes": [],
-              "expert_lora_shapes": [], "max_linear": 0}
+              "expert_lora_shapes": [], "expert_lora_stacks": [], "max_linear": 0}
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     counts["tied"] = head is not None and head.weight is emb.weight
@@ -83,6 +95,7 @@ def _count_uncached(config) -> dict:
                     counts["experts"] += p.numel()
                     e, i, o = p.shape
                     counts["expert_lora_shapes"] += [(i, o)] * e
+                    counts["expert_lora_stacks"].append((e, i, o))  # one [E, r, in] and one [E, out, r] tensor
                 else:
                     counts["other"] += p.numel()
         else:
@@ -151,7 +164,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
              dtype: torch.dtype = torch.float16, gradient_checkpointing: bool = True,
              offload_activations: bool = False, offload_embeddings: bool = False, fused_ce: bool = False,
              attn_implementation: str | None = None, lora_experts: bool | None = None,
-             generation: tuple[int, int] | None = None, cuda: bool = True) -> Estimate:
+             generation: tuple[int, int] | None = None, optimizer: str = "adamw", cuda: bool = True) -> Estimate:
     """Itemised predicted peak bytes of LoRA training (and generation with `generation=(sequences, length)`).
 
     config: a transformers config, or a model name / path / `tiny:<arch>` (only its config is read).
@@ -163,6 +176,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     attn_implementation: "eager" stores attention probabilities; anything else is treated as flash-style.
     Default: "eager" for gpt-oss (sinks), "sdpa" otherwise.
     lora_experts: LoRA on every expert of every layer (default: for gpt-oss).
+    optimizer: the trainer's `optim` name: "adamw" / "adamw_torch" / "adamw_torch_fused" (two fp32 moments per
+    LoRA parameter) or "adamw_8bit" / "paged_adamw_8bit" (bitsandbytes' 8-bit AdamW).
     cuda: add the CUDA context and allocator slack (`reserve`); False on CPU.
     """
     if isinstance(config, str):
@@ -171,6 +186,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
         config = load_config(config)
     if quantization not in (None, "nf4", "mxfp4"):
         raise ValueError(f"quantization must be None, 'nf4' or 'mxfp4', got {quantization!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if dtype not in _BYTES:
         raise ValueError(f"dtype must be one of {list(_BYTES)}, got {dtype}")
     if seq_len < 1 or batch < 1 or lora_r < 1:
@@ -189,9 +206,13 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     embed = 0 if offload_embeddings and not c["tied"] else c["embed"] * b
     weights = embed + (c["head"] + c["other"]) * b + c["linear"] * linear_bytes + c["experts"] * expert_bytes
 
-    # LoRA: fp32 parameters, fp32 gradients, AdamW's two fp32 moments
+    # LoRA: fp32 parameters, fp32 gradients, the optimizer's two moments
     shapes = c["lora_shapes"] + (c["expert_lora_shapes"] if lora_experts else [])
     lora_params = sum(lora_r * (i + o) for i, o in shapes)
+    tensors = [n for i, o in c["lora_shapes"] for n in (lora_r * i, lora_r * o)]
+    tensors += [n for e, i, o in (c["expert_lora_stacks"] if lora_experts else []) for n in (e * lora_r * i,
+                                                                                               e * lora_r * o)]
+    optimizer_bytes = sum(optimizer_state_bytes(n, optimizer) for n in tensors)
 
     # activations saved across the whole step
     t = batch * seq_len
@@ -222,7 +243,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
 
     peak_phase = max(phases, key=phases.get)
     items = {"weights": weights, "lora_params": lora_params * 4, "lora_grads": lora_params * 4,
-             "optimizer": lora_params * 8, "saved_activations": saved, "working": phases[peak_phase]}
+             "optimizer": optimizer_bytes, "saved_activations": saved, "working": phases[peak_phase]}
     live = sum(items.values())
     items["reserve"] = int(FRAGMENTATION * live) + CUDA_CONTEXT if cuda else 0
     est = Estimate({k: int(v) for k, v in items.items()})
@@ -233,7 +254,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
                         dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=gradient_checkpointing,
                         offload_activations=offload_activations, offload_embeddings=offload_embeddings,
                         fused_ce=fused_ce, attn_implementation=attn, lora_experts=lora_experts,
-                        generation=generation)
+                        generation=generation, optimizer=optimizer)
     return est
 
 

@@ -23,12 +23,12 @@ PRESETS = {
             model_name="openai/gpt-oss-20b", quantization="mxfp4", attn_implementation="nbhelpers", task="matmul",
             n_prompts=1000, max_steps=100, num_generations=4, batch_size=4, grad_accum=1, learning_rate=5e-5,
             lora_r=8, lora_alpha=16, max_completion_length=768, temperature=1.0, reasoning_effort="low",
-            gradient_checkpointing=True, compile_rollouts=True, logging_steps=1, n_samples=2),
+            gradient_checkpointing=True, compile_rollouts=True, logging_steps=1, n_samples=2, optim="adamw_8bit"),
         "tiny": dict(
             model_name="tiny:gpt_oss", quantization=None, attn_implementation="eager", task="digits",
             n_prompts=400, max_steps=40, num_generations=8, batch_size=8, grad_accum=1, learning_rate=2e-2,
             lora_r=16, lora_alpha=32, max_completion_length=16, temperature=1.0, reasoning_effort="low",
-            gradient_checkpointing=False, compile_rollouts=False, logging_steps=1, n_samples=8),
+            gradient_checkpointing=False, compile_rollouts=False, logging_steps=1, n_samples=8, optim="adamw_torch"),
     },
     "gpt_oss_qat": {
         "full": dict(

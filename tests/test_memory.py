@@ -135,6 +135,39 @@ def test_offloads_and_fused_ce_lower_the_estimate():
     assert memory.estimate(tied, seq_len=64, batch=1, offload_embeddings=True)["weights"] == a["weights"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_optimizer_state_bytes_match_the_optimizers(arch):
+    """AdamW8bit's state, read off bitsandbytes after one step on a real LoRA model, equals the planner's term (the
+    wide Llama has LoRA factors on both sides of bitsandbytes' 4096-value threshold for 8-bit state)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from nbhelpers.loading import add_lora
+
+    if arch == "llama":
+        cfg = tiny_llama_config(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=1, head_dim=64)
+    else:
+        cfg = GptOssConfig(vocab_size=64, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                           num_experts_per_tok=2, sliding_window=8, tie_word_embeddings=False,
+                           layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_config(cfg), r=16, alpha=16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for opt_name, make in (("adamw_torch", torch.optim.AdamW), ("adamw_8bit", bnb.optim.AdamW8bit)):
+        opt = make(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+        est = memory.estimate(cfg, seq_len=8, batch=1, lora_r=16, quantization=None, optimizer=opt_name, cuda=False)
+        assert est["optimizer"] == state, (opt_name, est["optimizer"], state)
+        assert est["lora_params"] == 4 * sum(p.numel() for p in params)
+    assert any(p.numel() < 4096 for p in params) and any(p.numel() >= 4096 for p in params)
+
+
 def test_gpt_oss_20b_on_a_t4_tells_the_truth():
     cfg = gpt_oss_20b()
     kw = dict(seq_len=2048, batch=1, quantization="mxfp4", dtype=torch.float16, attn_implementation="nbhelpers")
@@ -154,6 +187,10 @@ def test_gpt_oss_20b_on_a_t4_tells_the_truth():
     eager = memory.estimate(cfg, lora_r=8, offload_activations=True, offload_embeddings=True, fused_ce=True,
                             **{**kw, "attn_implementation": "eager"})
     assert eager["total"] - on["total"] > 64 * 2048 * 2048 * 2 * 2
+    # 8-bit AdamW keeps a quarter of the moments' bytes (plus block scales)
+    small = memory.estimate(cfg, lora_r=8, offload_activations=True, offload_embeddings=True, fused_ce=True,
+                            optimizer="adamw_8bit", **kw)
+    assert 0.25 < small["optimizer"] / on["optimizer"] < 0.26 and small["total"] < on["total"] - 0.5 * GB
 
 
 def test_kv_cache_counts_kv_heads_and_windows():
@@ -196,6 +233,8 @@ def test_bad_settings_are_named():
         memory.estimate(cfg, seq_len=8, batch=1, gradient_checkpointing=False, offload_activations=True)
     with pytest.raises(ValueError, match=">= 1"):
         memory.estimate(cfg, seq_len=0, batch=1)
+    with pytest.raises(ValueError, match="optimizer must be one of .*'sgd'"):
+        memory.estimate(cfg, seq_len=8, batch=1, optimizer="sgd")
 
 
 def test_estimate_reads_a_name_like_a_config(tiny_gpt_oss):
