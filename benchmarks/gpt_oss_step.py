@@ -9,9 +9,9 @@ What it measures, in one process:
   step         one LoRA SFT step (forward + backward + AdamW on LoRA) of the whole model: batch 1 x tokens, random
                ids as input and labels, LoRA (r=16 alpha=32 unless set) on attention and every expert
                (`nbhelpers.add_lora`), non-reentrant gradient checkpointing; tokens/s and peak allocated/reserved
-               memory, or OOM, next to the memory planner's prediction for the same settings. `--t4` is the recipe meant for a T4 (cap at
-               14.74 GiB less the CUDA context, our attention, offloaded checkpointing and embedding table, fused
-               CE, r=8, 8-bit AdamW); its target is a peak of at most 14 GB at 2048 tokens.
+               memory, or OOM, next to the memory planner's prediction for the same settings. `--t4` is the recipe
+               meant for a T4 (cap at 14.74 GiB less the CUDA context, our attention, offloaded checkpointing and
+               embedding table, fused CE, r=8, 8-bit AdamW); its target is a peak of at most 14 GB at 2048 tokens.
 
 The model has gpt-oss-20b's shapes (24 layers, 32 experts top-4, hidden 2880, vocab 201,088) with random weights,
 built on the meta device and materialised directly on the GPU: expert blocks are random bytes with scales near
