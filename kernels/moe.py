@@ -12,6 +12,18 @@ Routes are sorted by expert, so each expert's rows are contiguous; the MXFP4 mat
 (`mxfp4_matmul.py`) over experts that received rows — at decode with one token that is just its top-k experts.
 LoRA runs as small dense matmuls over each expert's rows. Gradients flow to x, the routing weights and the LoRA
 factors; the MXFP4 weights and biases are frozen.
+
+Two ways through, same math:
+- with row counts read on the host (training, and any call needing gradients or with many rows): exact tile table,
+  LoRA as a loop over experts;
+- sync-free (no gradient and at most 16 rows per expert, i.e. decode): routes are sorted and counted on the
+  device, the grouped kernel gets the counts as a tensor (`mxfp4_matmul.py`), and LoRA runs over all rows at once:
+  with R <= E rows each row gathers its own expert's factors (h_i = (x_i A_{e_i}^T) B_{e_i}^T, batched), otherwise
+  every expert's A is applied to every row, the row's own block of r values is kept and the others zeroed, and one
+  matmul against all experts' B stacked [E r, out] finishes it (reads each factor once; R E r (in + out) flops).
+  On CUDA nothing is read back to the host, so a CUDA graph can capture it (the plain-torch CPU fallback reads the
+  counts, harmlessly); while torch.compile traces, the whole call is one custom op (`moe_compiled.py`), so a
+  compiled decode step has no graph break here.
 """
 from __future__ import annotations
 
@@ -46,6 +58,19 @@ def sort_routes(router_indices: torch.Tensor, num_experts: int):
     return order, order // top_k, counts
 
 
+def sort_routes_on_device(router_indices: torch.Tensor, num_experts: int):
+    """`sort_routes` without a host read: (route order [R], token [R], expert of each sorted route [R], rows per
+    expert as a tensor [E]), over all R = T * k routes; dropped routes (ids outside [0, E)) sort last with expert E.
+    """
+    top_k = router_indices.shape[-1]
+    flat = router_indices.reshape(-1).long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    order = torch.argsort(key, stable=True)
+    expert = key.gather(0, order)
+    bounds = torch.searchsorted(expert, torch.arange(num_experts + 1, device=expert.device))  # no bincount: it syncs
+    return order, order // top_k, expert, bounds[1:] - bounds[:-1]
+
+
 def _grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, counts: list[int], scaling: float):
     """scaling * (x_e A_e^T) B_e^T for each expert's rows: A [E, r, in], B [E, out, r] -> [rows, out]."""
     pieces, offset = [], 0
@@ -59,29 +84,71 @@ def _grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, counts: lis
     return torch.cat(pieces).to(x.dtype) * scaling
 
 
+def _routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert: torch.Tensor, scaling: float):
+    """`_grouped_lora` without a loop over experts: row i uses expert[i]'s factors (any id in [0, E))."""
+    E, r, _ = A.shape
+    R, out = x.shape[0], B.shape[1]
+    xa = x.to(A.dtype)
+    if R <= E:  # gather: R copies of (A_e, B_e), no more than all E experts' factors
+        h = torch.bmm(A.index_select(0, expert), xa[:, :, None])  # [R, r, 1]
+        y = torch.bmm(B.index_select(0, expert), h)[:, :, 0]
+    else:  # every expert's A on every row, keep the row's own r values, then all B's stacked [E r, out]
+        h = (xa @ A.reshape(E * r, -1).t()).view(R, E, r)
+        own = expert[:, None] == torch.arange(E, device=expert.device)
+        h = torch.where(own[:, :, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        y = h.reshape(R, E * r) @ B.transpose(1, 2).reshape(E * r, out)
+    return y.to(x.dtype) * scaling
+
+
+def _needs_grad(x, routing_weights, lora) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or routing_weights.requires_grad or any(
+        t.requires_grad for adapter in lora or () for t in adapter[:4]))
+
+
 def moe_experts(x: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
                 gate_up: tuple, down: tuple, lora: list | None = None,
-                alpha: float = ALPHA, limit: float = LIMIT) -> torch.Tensor:
+                alpha: float = ALPHA, limit: float = LIMIT, sync_free: bool | None = None) -> torch.Tensor:
     """Routed gpt-oss experts: x [T, H], router_indices [T, k], routing_weights [T, k] -> [T, H].
 
     gate_up = (blocks [E, 2I, H/32, 16], scales [E, 2I, H/32], bias [E, 2I]); down likewise with [E, H, I/32, ...].
     lora: list of (A1 [E, r, H], B1 [E, 2I, r], A2 [E, r, I], B2 [E, H, r], scaling) adapters, summed.
+    sync_free: None picks it when no gradient is needed and there are at most 16 routes per expert (decode).
+    While torch.compile traces a call that needs no gradient, the call becomes the op `nbhelpers::moe_experts`.
     """
     if x.dim() != 2 or router_indices.shape != routing_weights.shape or router_indices.shape[0] != x.shape[0]:
         raise ValueError(f"expected x [T, H], router_indices and routing_weights [T, k]; found {tuple(x.shape)}, "
                          f"{tuple(router_indices.shape)}, {tuple(routing_weights.shape)}")
     num_experts = gate_up[0].shape[0]
-    order, token, counts = sort_routes(router_indices, num_experts)
-    xs = x[token]
+    needs_grad = _needs_grad(x, routing_weights, lora)
+    if sync_free and needs_grad:
+        raise ValueError("moe_experts: the sync-free path computes no gradients; call it under torch.no_grad()")
+    if not needs_grad and torch.compiler.is_compiling():
+        return moe_compiled.moe_experts_op(x, router_indices, routing_weights, *gate_up, *down,
+                                           [t for adapter in lora or () for t in adapter[:4]],
+                                           [float(adapter[4]) for adapter in lora or ()], alpha, limit)
+    if sync_free is None:
+        sync_free = not needs_grad and router_indices.numel() <= 16 * num_experts
+    if sync_free:
+        order, token, expert, counts = sort_routes_on_device(router_indices, num_experts)
+        valid = expert < num_experts
+        expert = expert.clamp(max=num_experts - 1)
+        lora_of = lambda v, A, B, scaling: _routed_lora(v, A, B, expert, scaling)  # noqa: E731
+    else:
+        order, token, counts = sort_routes(router_indices, num_experts)
+        valid = None
+        lora_of = lambda v, A, B, scaling: _grouped_lora(v, A, B, counts, scaling)  # noqa: E731
+    xs = x.index_select(0, token)
     h = grouped_mxfp4_matmul(xs, *gate_up, counts)
     for A1, B1, _, _, scaling in lora or ():
-        h = h + _grouped_lora(xs, A1, B1, counts, scaling)
+        h = h + lora_of(xs, A1, B1, scaling)
     a = gpt_oss_swiglu(h, alpha, limit)
     o = grouped_mxfp4_matmul(a, *down, counts)
     for _, _, A2, B2, scaling in lora or ():
-        o = o + _grouped_lora(a, A2, B2, counts, scaling)
-    p = routing_weights.reshape(-1)[order]
+        o = o + lora_of(a, A2, B2, scaling)
+    p = routing_weights.reshape(-1).index_select(0, order)
     weighted = (o * p[:, None]).to(x.dtype)
+    if valid is not None:  # dropped routes: rows the kernel left at zero, plus whatever LoRA added
+        weighted = torch.where(valid[:, None], weighted, torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.zeros_like(x).index_add(0, token, weighted)
 
 
@@ -108,3 +175,6 @@ def moe_experts_reference(x: torch.Tensor, router_indices: torch.Tensor, routing
         o = a @ w2.t() + bias2[e]
         out = out.index_add(0, t, o * routing_weights[t, k, None])
     return out
+
+
+from . import moe_compiled  # noqa: E402  (the op calls back into moe_experts)

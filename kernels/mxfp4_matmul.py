@@ -6,10 +6,19 @@ as checkpoint bytes (`blocks [E, N, K/32, 16]`, `scales [E, N, K/32]`, blocks al
     forward   y[r, :] = x[r, :] @ W_e^T + b_e          (y [R, N], x [R, K])
     backward  dx[r, :] = dy[r, :] @ W_e                 (weights and bias frozen: no dW, no db)
 
-Only experts that own rows get tiles, so an expert without tokens is never read. Each program takes BLOCK_M rows of
-one expert and one block of output columns; it decodes the [BLOCK_N, BLOCK_K] weight tile it needs in registers
-(E2M1 nibble -> fp32 bits, times the E8M0 scale 2^(s-127), cast to the input dtype) and accumulates in fp32.
+Only experts that own rows get tiles, so an expert without tokens is never read. Each program takes one tile (up to
+BLOCK_M rows [start, end) of one expert e) and one block of output columns; it decodes the [BLOCK_N, BLOCK_K] weight
+tile it needs in registers (E2M1 nibble -> fp32 bits, times the E8M0 scale 2^(s-127), cast to the input dtype) and
+accumulates in fp32.
 The same kernel does both directions (`TRANSPOSE`): forward reduces over K, backward over N.
+
+The tile table comes from the row counts in one of two ways:
+- `counts` a list of ints (training): built on the host, exactly one tile per BLOCK_M rows of each expert;
+- `counts` an int tensor on x's device (decode, compiled or CUDA-graphed): built on the device with torch ops, no
+  host read. Its length is a bound that depends only on R and E: with c_e rows for expert e,
+      tiles = sum_e ceil(c_e / BLOCK_M) <= sum_e floor(c_e / BLOCK_M) + #{e : c_e > 0} <= R // BLOCK_M + min(E, R),
+  and the tiles past the real ones are empty (start == end): their programs return before reading any weight.
+  Rows past sum(counts) belong to no tile and come back as zeros.
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ CONFIGS = {"decode": (16, 64, 64, 4, 2), "train": (64, 64, 64, 4, 2)}
 
 
 def pick_config(rows: int, experts_used: int) -> tuple:
+    """Decode config while experts get ~16 rows or fewer each. With counts on the device, pass min(E, rows) as
+    `experts_used`: an upper bound known without reading the counts."""
     return CONFIGS["decode" if rows <= 16 * max(experts_used, 1) else "train"]
 
 
@@ -43,9 +54,11 @@ if triton is not None:
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         tile = tl.program_id(0)
         pid_c = tl.program_id(1)
-        e = tl.load(TileExpert + tile).to(tl.int64)
         start = tl.load(TileStart + tile)
         end = tl.load(TileEnd + tile)
+        if start >= end:  # a spare tile of a device-built table: read nothing
+            return
+        e = tl.load(TileExpert + tile).to(tl.int64)
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         rows64 = rows.to(tl.int64)
@@ -98,15 +111,45 @@ def tile_table(counts: list[int], block_m: int, device) -> tuple[torch.Tensor, t
     return as_t(expert), as_t(start), as_t(end)
 
 
+def max_tiles(rows: int, experts: int, block_m: int) -> int:
+    """Upper bound on the tiles of any split of `rows` rows over `experts` experts (see the module docstring)."""
+    return rows // block_m + min(experts, rows)
+
+
+def tile_table_device(counts: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """`tile_table` from device counts [E] with torch ops only: max_tiles(rows, E, block_m) entries, the spare
+    ones empty (start == end == 0, expert 0)."""
+    counts = counts.to(torch.int64)
+    ends = counts.cumsum(0)  # expert e owns rows [ends[e] - c_e, ends[e])
+    tiles = (counts + block_m - 1) // block_m
+    tile_ends = tiles.cumsum(0)  # expert e owns tiles [tile_ends[e] - tiles[e], tile_ends[e])
+    idx = torch.arange(max_tiles(rows, counts.shape[0], block_m), device=counts.device)
+    expert = torch.searchsorted(tile_ends, idx, right=True)  # first e with tile_ends[e] > idx; E for spare tiles
+    used = expert < counts.shape[0]
+    expert = expert.clamp(max=counts.shape[0] - 1)
+    of = lambda t: t.index_select(0, expert)  # noqa: E731  (per tile: its expert's value)
+    end = of(ends)
+    start = end - of(counts) + (idx - (of(tile_ends) - of(tiles))) * block_m
+    zero = torch.zeros_like(start)
+    as_i32 = lambda t: torch.where(used, t, zero).to(torch.int32)  # noqa: E731
+    return as_i32(expert), as_i32(start), as_i32(end)
+
+
 def _launch(x: torch.Tensor, blocks, scales, bias, counts, transpose: bool) -> torch.Tensor:
     E, N, G, _ = blocks.shape
     K = G * 32
+    R = x.shape[0]
     x = x.contiguous()
-    out = torch.empty(x.shape[0], K if transpose else N, dtype=x.dtype, device=x.device)
-    if x.shape[0] == 0:
+    on_device = isinstance(counts, torch.Tensor)
+    out = (torch.zeros if on_device else torch.empty)(R, K if transpose else N, dtype=x.dtype, device=x.device)
+    if R == 0:
         return out
-    bm, bn, bk, warps, stages = pick_config(x.shape[0], sum(c > 0 for c in counts))
-    te, ts, tend = tile_table(counts, bm, x.device)
+    if on_device:  # no host read: config and table size from R and E alone
+        bm, bn, bk, warps, stages = pick_config(R, min(E, R))
+        te, ts, tend = tile_table_device(counts, R, bm)
+    else:
+        bm, bn, bk, warps, stages = pick_config(R, sum(c > 0 for c in counts))
+        te, ts, tend = tile_table(counts, bm, x.device)
     if te.numel() == 0:
         return out.zero_()
     grid = (te.numel(), triton.cdiv(K, bk) if transpose else triton.cdiv(N, bn))
@@ -132,9 +175,12 @@ class GroupedMxfp4Matmul(torch.autograd.Function):
 
 
 def grouped_mxfp4_matmul_reference(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-                                   bias: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
-    """Plain torch: decode each expert that owns rows and multiply; autograd gives dx."""
+                                   bias: torch.Tensor | None, counts) -> torch.Tensor:
+    """Plain torch: decode each expert that owns rows and multiply; autograd gives dx. Rows past sum(counts)
+    (possible with tensor counts) are zeros."""
     N = blocks.shape[1]
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
     pieces, offset = [], 0
     for e, c in enumerate(counts):
         if c == 0:
@@ -143,16 +189,18 @@ def grouped_mxfp4_matmul_reference(x: torch.Tensor, blocks: torch.Tensor, scales
         y = x[offset:offset + c] @ w.t()
         pieces.append(y + bias[e] if bias is not None else y)
         offset += c
-    if not pieces:
-        return x.new_zeros(x.shape[0], N)
+    if offset < x.shape[0]:
+        pieces.append(x.new_zeros(x.shape[0] - offset, N))
     return torch.cat(pieces)
 
 
 def grouped_mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                         counts: list[int]) -> torch.Tensor:
+                         counts) -> torch.Tensor:
     """`x [R, K]` rows sorted by expert (`counts[e]` rows each) times expert e's MXFP4 `W_e^T` (+ `bias[e]`).
 
     blocks uint8 [E, N, K/32, 16], scales uint8 [E, N, K/32], bias [E, N] or None -> [R, N] in x's dtype.
+    counts: a list of E ints summing to R, or an int tensor [E] on x's device summing to at most R (never read on
+    the host: no synchronisation; rows past the sum come back as zeros).
     Differentiable in x (the weights are frozen). Triton on CUDA / under the interpreter, plain torch elsewhere.
     """
     _check(blocks, scales)
@@ -160,9 +208,14 @@ def grouped_mxfp4_matmul(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Te
         raise ValueError(f"expected expert blocks [E, N, K/32, 16], found {tuple(blocks.shape)}")
     if x.dim() != 2 or x.shape[1] != blocks.shape[2] * 32:
         raise ValueError(f"expected x [rows, {blocks.shape[2] * 32}], found {tuple(x.shape)}")
-    if len(counts) != blocks.shape[0] or sum(counts) != x.shape[0]:
+    if isinstance(counts, torch.Tensor):
+        if counts.shape != (blocks.shape[0],) or counts.is_floating_point() or counts.device != x.device:
+            raise ValueError(f"tensor counts must be integers [{blocks.shape[0]}] on {x.device}, found "
+                             f"{counts.dtype} {tuple(counts.shape)} on {counts.device}")
+    elif len(counts) != blocks.shape[0] or sum(counts) != x.shape[0]:
         raise ValueError(f"counts must give one row count per expert ({blocks.shape[0]}) summing to {x.shape[0]}, "
                          f"found {len(counts)} counts summing to {sum(counts)}")
     if triton is not None and use_triton(x, blocks, scales):
-        return GroupedMxfp4Matmul.apply(x, blocks, scales, bias, list(counts))
+        return GroupedMxfp4Matmul.apply(x, blocks, scales, bias,
+                                        counts if isinstance(counts, torch.Tensor) else list(counts))
     return grouped_mxfp4_matmul_reference(x, blocks, scales, bias, counts)

@@ -13,8 +13,9 @@ GRPO spends most of a step generating `num_generations` completions per prompt, 
   captured CUDA graph serves every step) and where each row's left padding ends (`kv_start`); gpt-oss's sliding
   layers (a rolled W-slot buffer) included;
 - routed-experts-only MoE decoding with MXFP4 experts (`nbhelpers.mxfp4_experts.Mxfp4Experts`, what
-  `load_model(..., quantization="mxfp4")` builds) plugs in through the model's modules; this file only sets up
-  `generate`.
+  `load_model(..., quantization="mxfp4")` builds) plugs in through the model's modules; at decode it reads nothing
+  back to the host and, compiled, is one op per layer (`nbhelpers::moe_experts`), so CUDA graphs cover it; this file
+  only sets up `generate`.
 
 `rollout_settings` returns `generate` keyword arguments (also valid in `GRPOConfig(generation_kwargs=...)`).
 Greedy decoding with these settings gives the same tokens as plain eager decoding (tests/test_rollout.py).
