@@ -322,7 +322,11 @@ def interpreter_everywhere(monkeypatch):
 def test_compiled_decode_step_is_one_graph_with_the_moe_op(interpreter_everywhere):
     """generate() with transformers' compiled decode step, fullgraph=True (any graph break raises), static cache,
     attention "nbhelpers", MXFP4 experts with two LoRA adapters: same tokens and logits as uncompiled decoding,
-    and every MoE layer is one `nbhelpers::moe_experts` node of the graph."""
+    and every MoE layer is one `nbhelpers::moe_experts` node of the graph. Decoding runs past the sliding window,
+    where transformers hands a full window over as keys in order (no pre-allocated tail): the mask function must
+    still give the decode step its kv_end, or attention falls back to a launcher dynamo cannot trace.
+    (transformers 5.23's sliding static layer guards on its Python-int length, so each step compiles anew: that is
+    transformers' cost, outside this test.)"""
     from torch._dynamo.backends.debugging import aot_eager
     from transformers import CompileConfig, StaticCache
 
@@ -344,9 +348,9 @@ def test_compiled_decode_step_is_one_graph_with_the_moe_op(interpreter_everywher
         graphs.append(gm)
         return aot_eager(gm, example_inputs)
 
-    def generate(**kw):  # the decode positions stay inside the sliding window (8): no rolled buffer
+    def generate(**kw):  # 4 + 9 positions: the sliding layers' 8-slot buffers fill, then roll
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, min_new_tokens=9,
                                   do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
                                   past_key_values=StaticCache(config=model.config, max_cache_len=16), **kw)
 
