@@ -72,14 +72,7 @@ def nbhelpers_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
     if in_order:  # keys end at the last query (dynamic caches, no cache, a full sliding window)
         if attention_mask is None:
             return None
-        kv_start = _kv_start_from_mask(attention_mask[:, -kv_length:], q_length)
-        if q_length != 1:
-            return kv_start
-        # a decode step: also say where the keys end (slot kv_length), so that a compiled step takes the same
-        # graph-safe decode op as the pre-allocated buffers below (a static cache's full sliding window lands here)
-        if kv_start is None:
-            kv_start = torch.zeros(batch_size, dtype=torch.int32, device=attention_mask.device)
-        return torch.cat([kv_start, torch.full_like(kv_start, kv_length)])
+        return _kv_start_from_mask(attention_mask[:, -kv_length:], q_length)
     # a pre-allocated buffer: the sequence ends at slot kv_end
     if attention_mask is not None:
         seen = attention_mask.shape[-1]  # the 2D mask covers every position so far, the queries included

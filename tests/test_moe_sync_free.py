@@ -323,8 +323,8 @@ def test_compiled_decode_step_is_one_graph_with_the_moe_op(interpreter_everywher
     """generate() with transformers' compiled decode step, fullgraph=True (any graph break raises), static cache,
     attention "nbhelpers", MXFP4 experts with two LoRA adapters: same tokens and logits as uncompiled decoding,
     and every MoE layer is one `nbhelpers::moe_experts` node of the graph. Decoding runs past the sliding window,
-    where transformers hands a full window over as keys in order (no pre-allocated tail): the mask function must
-    still give the decode step its kv_end, or attention falls back to a launcher dynamo cannot trace.
+    where transformers hands a full window over as keys in order (no pre-allocated tail, no kv_end): attention must
+    still take its opaque decode op there, not a launcher dynamo cannot trace.
     (transformers 5.23's sliding static layer guards on its Python-int length, so each step compiles anew: that is
     transformers' cost, outside this test.)"""
     from torch._dynamo.backends.debugging import aot_eager

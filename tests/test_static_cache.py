@@ -102,10 +102,8 @@ def test_mask_function_layouts():
     from nbhelpers.attention import nbhelpers_mask
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    # dynamic cache, prefill: keys end at the last query -> kv_start only
-    assert nbhelpers_mask(2, 3, 5, q_offset=2, kv_offset=0, attention_mask=mask).tolist() == [2, 0]
-    # dynamic cache, decode step: kv_end too (= all keys), so a compiled step takes the graph-safe decode op
-    assert nbhelpers_mask(2, 1, 5, q_offset=4, kv_offset=0, attention_mask=mask).tolist() == [2, 0, 5, 5]
+    # dynamic cache: keys end at the last query -> kv_start only
+    assert nbhelpers_mask(2, 1, 5, q_offset=4, kv_offset=0, attention_mask=mask).tolist() == [2, 0]
     # static full layer: 16 slots, q_offset a tensor -> [kv_start, kv_end]
     out = nbhelpers_mask(2, 1, 16, q_offset=torch.tensor(4), kv_offset=0, attention_mask=mask)
     assert out.dtype == torch.int32 and out.tolist() == [2, 0, 5, 5]
@@ -113,8 +111,7 @@ def test_mask_function_layouts():
     assert nbhelpers_mask(2, 1, 8, q_offset=4, kv_offset=0, attention_mask=mask).tolist() == [2, 0, 5, 5]
     # rolled (full) sliding buffer: slot 0 is position kv_offset; the padding fell out of it
     long = torch.cat([mask, torch.ones(2, 6, dtype=torch.bool)], -1)  # 11 positions, query at 10
-    assert nbhelpers_mask(2, 1, 4, q_offset=10, kv_offset=7, attention_mask=long).tolist() == [0, 0, 4, 4]
-    assert nbhelpers_mask(2, 2, 5, q_offset=9, kv_offset=6, attention_mask=long) is None  # no padding in sight
+    assert nbhelpers_mask(2, 1, 4, q_offset=10, kv_offset=7, attention_mask=long) is None
     # without a 2D mask: kv_end from the cache's length, on the device
     assert nbhelpers_mask(2, 3, 16, q_offset=torch.tensor(4), kv_offset=0).tolist() == [0, 0, 7, 7]
     with pytest.raises(ValueError, match="covers 5 positions, expected"):

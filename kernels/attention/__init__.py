@@ -256,16 +256,19 @@ def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     group = q.shape[1] // k.shape[1]
+    decodable = not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and use_triton(q, k, v)
     if kv_end is not None:
         kv_end = _per_row(kv_end, "kv_end", q)
-        if not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and use_triton(q, k, v):
-            if torch.compiler.is_compiling():  # one opaque op for the compiler; no host read either way
-                return compiled.decode_attention_op(q, k, v, sinks, kv_start, kv_end, causal, window or 0, scale)
+    if decodable and (kv_end is not None or q.shape[2] < k.shape[2]) and torch.compiler.is_compiling():
+        # one opaque op for the compiler, whatever cache layout (a buffer with kv_end, or keys ending at the last
+        # query, e.g. a full sliding window); no host read either way
+        return compiled.decode_attention_op(q, k, v, sinks, kv_start, kv_end, causal, window or 0, scale)
+    if kv_end is not None:
+        if decodable:
             return decode_attention(q, k, v, sinks, causal=causal, sliding_window=window, softmax_scale=scale,
                                     kv_start=kv_start, kv_end=kv_end)
         k, v = _cut_at_kv_end(k, v, kv_end, q.shape[2])
-    if (not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and q.shape[2] < k.shape[2]
-            and use_triton(q, k, v) and q.is_cuda):
+    if decodable and q.shape[2] < k.shape[2] and q.is_cuda:
         return decode_attention(q, k, v, sinks, causal=causal, sliding_window=window, softmax_scale=scale,
                                 kv_start=kv_start)
     return _Attention.apply(q, k, v, sinks, kv_start, None, scale, causal, window)
