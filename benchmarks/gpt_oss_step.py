@@ -349,9 +349,7 @@ def main(argv=None):
 
             use_fused_loss(model)
         model.train()
-        weights_mb = peaks(device)[0]
-        if device.type == "cuda":
-            weights_mb = torch.cuda.memory_allocated(device) / MB
+        weights_mb = torch.cuda.memory_allocated(device) / MB if device.type == "cuda" else None
         report["model"] = {"allocated_mb_after_load": weights_mb, "lora_r": args.lora_r, "attn": args.attn,
                            "offload": args.offload, "fused_ce": args.fused_ce, "optim": args.optim,
                            "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}

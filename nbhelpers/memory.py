@@ -75,7 +75,7 @@ def _count_uncached(config) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     counts = {"embed": 0, "head": 0, "linear": 0, "experts": 0, "other": 0, "lora_shapes": [],
-              "expert_lora_shapes": [], "expert_lora_stacks": [], "max_linear": 0}
+              "expert_lora_stacks": [], "max_linear": 0}
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     counts["tied"] = head is not None and head.weight is emb.weight
@@ -94,7 +94,6 @@ def _count_uncached(config) -> dict:
                 if p.dim() == 3:
                     counts["experts"] += p.numel()
                     e, i, o = p.shape
-                    counts["expert_lora_shapes"] += [(i, o)] * e
                     counts["expert_lora_stacks"].append((e, i, o))  # one [E, r, in] and one [E, out, r] tensor
                 else:
                     counts["other"] += p.numel()
@@ -207,11 +206,9 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     weights = embed + (c["head"] + c["other"]) * b + c["linear"] * linear_bytes + c["experts"] * expert_bytes
 
     # LoRA: fp32 parameters, fp32 gradients, the optimizer's two moments
-    shapes = c["lora_shapes"] + (c["expert_lora_shapes"] if lora_experts else [])
-    lora_params = sum(lora_r * (i + o) for i, o in shapes)
-    tensors = [n for i, o in c["lora_shapes"] for n in (lora_r * i, lora_r * o)]
-    tensors += [n for e, i, o in (c["expert_lora_stacks"] if lora_experts else []) for n in (e * lora_r * i,
-                                                                                               e * lora_r * o)]
+    stacks = [(1, i, o) for i, o in c["lora_shapes"]] + (c["expert_lora_stacks"] if lora_experts else [])
+    tensors = [n for e, i, o in stacks for n in (e * lora_r * i, e * lora_r * o)]  # LoRA A and B of each target
+    lora_params = sum(tensors)
     optimizer_bytes = sum(optimizer_state_bytes(n, optimizer) for n in tensors)
 
     # activations saved across the whole step
