@@ -214,8 +214,60 @@ def use_nf4_lora(model) -> int:
     return count
 
 
-def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True):
-    """Both of the above where they apply; returns the model."""
+def _silu(act) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return isinstance(act, (torch.nn.SiLU, SiLUActivation))
+
+
+def _nf4_lora_projection(layer, name: str, dtype):
+    """`(packed, quant_state, lora_a, lora_b, scale)` of a ready peft NF4 LoRA layer, the factors in `dtype`."""
+    return (layer.base_layer.weight.data, layer.base_layer.weight.quant_state, layer.lora_A[name].weight.to(dtype),
+            layer.lora_B[name].weight.to(dtype), layer.scaling[name])
+
+
+def use_nf4_lora_mlp(model) -> int:
+    """Route Llama-style MLPs (`down(silu(gate(x)) * up(x))`, as in Llama, Qwen2/3, Mistral) whose three projections
+    are peft NF4 LoRA layers through `nf4_lora_mlp`: one autograd node, gate and up as one GEMM, the SwiGLU in one
+    Triton kernel each way. Returns how many MLPs were routed.
+
+    The MLP's forward is replaced on each instance; a call the fused op does not cover (a projection not ready for
+    `nf4_lora_linear`, see `use_nf4_lora`, different active adapters, a bias) falls back to the MLP's own forward.
+    """
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from .kernels.nf4_lora_mlp import nf4_lora_mlp
+
+    count = 0
+    for mlp in model.modules():
+        projections = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if (getattr(mlp, "_nbhelpers_nf4_lora_mlp", False) or not _silu(getattr(mlp, "act_fn", None))
+                or not all(isinstance(p, LoraLinear4bit) for p in projections)):
+            continue
+        original = mlp.forward
+
+        def forward(self, x, *args, _original=original, **kwargs):
+            layers = (self.gate_proj, self.up_proj, self.down_proj)
+            names = {tuple(a for a in p.active_adapters if a in p.lora_A) for p in layers}
+            if (args or kwargs or len(names) != 1 or not all(_nf4_lora_ready(p) for p in layers)
+                    or any(p.base_layer.bias is not None for p in layers)):
+                return _original(x, *args, **kwargs)
+            name = names.pop()[0]
+            dtype = self.gate_proj.base_layer.compute_dtype or x.dtype
+            y = nf4_lora_mlp(x.to(dtype), *(_nf4_lora_projection(p, name, dtype) for p in layers))
+            return y.to(x.dtype)
+
+        mlp.forward = types.MethodType(forward, mlp)
+        mlp._nbhelpers_nf4_lora_mlp = True
+        count += 1
+    return count
+
+
+def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: bool = True):
+    """The above where they apply; returns the model. `fused_mlp` routes Llama-style NF4 LoRA MLPs through one op
+    (`use_nf4_lora_mlp`); `nf4_lora` every other NF4 LoRA linear (and the MLPs' when `fused_mlp` is off)."""
+    if nf4_lora and fused_mlp:
+        use_nf4_lora_mlp(model)
     if nf4_lora:
         use_nf4_lora(model)
     if fused_loss:

@@ -1,0 +1,199 @@
+"""The SwiGLU kernel vs torch's own silu(g) * u; the fused NF4 LoRA MLP vs plain-torch autograd; peft integration on a
+tiny NF4 Llama; what the fused MLP keeps for backward; AOT builds. The Triton path runs in a child process with the
+interpreter on."""
+
+import pytest
+import torch
+
+import bitsandbytes.functional as BF
+
+from nbhelpers.kernels import interpreting
+from nbhelpers.kernels.nf4_lora_mlp import nf4_lora_mlp, nf4_lora_mlp_reference
+from nbhelpers.kernels.swiglu import swiglu, swiglu_backward, swiglu_forward
+
+INTERPRETING = interpreting()
+PATH = "triton" if INTERPRETING else "torch"
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat16])
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")
+def test_under_triton_interpreter(rerun_under_interpreter):
+    rerun_under_interpreter(__file__, "triton")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def ulps(got, want):
+    """Largest difference in units of the dtype's spacing at |want|."""
+    eps = torch.finfo(want.dtype).eps
+    spacing = (want.double().abs() * eps).clamp(min=torch.finfo(want.dtype).tiny)
+    return ((got.double() - want.double()).abs() / spacing).max().item()
+
+
+@pytest.mark.parametrize("path", [PATH])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 1030), (1, 5), (3, 2049)])
+def test_swiglu_matches_torch(path, dtype, shape):
+    g = torch.Generator().manual_seed(2)
+    gu = (torch.randn(shape[0], 2 * shape[1], generator=g) * 4).to(dtype)  # g, u as column slices of one tensor
+    g_, u_ = gu[:, :shape[1]], gu[:, shape[1]:]
+    dh = torch.randn(shape, generator=g).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (g_, u_)]
+    want = torch.nn.functional.silu(leaves[0]) * leaves[1]
+    want.backward(dh)
+    got = swiglu_forward(g_, u_)
+    h, dg, du = dh.clone(), torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+    swiglu_backward(h, g_, u_, dg, du)
+    # The same roundings as torch, but exp differs from torch's in the last fp32 bits, which can flip a 16-bit
+    # rounding of silu(g) near a tie (then h moves by |u| times one spacing of silu(g)). fp32: a few ulps per
+    # element; 16-bit: within two spacings of the largest value, and all but a few elements bit-identical.
+    # dg cancels near g = -1.28 (where silu' = 0), so even in fp32 it is held to the largest value's spacing.
+    eps = torch.finfo(dtype).eps
+    for a, b, cancels in ((got, want, False), (h, want, False), (du, leaves[1].grad, False),
+                          (dg, leaves[0].grad, True)):
+        b = b.detach()
+        assert a.dtype == dtype and rel_err(a, b) <= 2 * eps
+        if dtype == torch.float32 and not cancels:
+            assert ulps(a, b) <= 4
+        assert (a != b).float().mean() <= (1.0 if dtype == torch.float32 else 0.01)
+    assert torch.equal(h, got)  # the backward recomputes the forward's h bit for bit
+
+
+@pytest.mark.parametrize("path", [PATH])
+def test_swiglu_autograd_and_bad_input(path):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 3, 37, generator=g, requires_grad=True), torch.randn(2, 3, 37, generator=g, requires_grad=True)
+    dh = torch.randn(2, 3, 37, generator=g)
+    grads = []
+    for fn in (swiglu, lambda x, y: torch.nn.functional.silu(x) * y):
+        x, y = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        out = fn(x, y)
+        out.backward(dh)
+        grads.append((out.detach(), x.grad, y.grad))
+    for got, want in zip(*grads):
+        assert got.shape == (2, 3, 37) and rel_err(got, want) <= 1e-6
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        swiglu(a, b[..., :5])
+    with pytest.raises(ValueError, match="contiguous columns"):
+        swiglu_forward(a[0].t(), b[0].t())
+
+
+def _projection(g, n, k, r, scale, dtype):
+    packed, qs = BF.quantize_4bit(torch.randn(n, k, generator=g), blocksize=64, quant_type="nf4",
+                                  compress_statistics=True)
+    qs.dtype = dtype
+    return [packed, qs, (torch.randn(r, k, generator=g) * 0.3).to(dtype), (torch.randn(n, r, generator=g) * 0.3).to(dtype),
+            scale]
+
+
+@pytest.mark.parametrize("path", [PATH])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead", [(13,), (2, 5)])
+def test_mlp_matches_reference(path, dtype, lead):
+    g = torch.Generator().manual_seed(1)
+    hidden, inter = 70, 45  # neither a multiple of the NF4 block nor of a kernel block
+    projections = [_projection(g, inter, hidden, 3, 1.7, dtype), _projection(g, inter, hidden, 2, 0.5, dtype),
+                   _projection(g, hidden, inter, 4, 2.0, dtype)]
+    x = torch.randn(*lead, hidden, generator=g).to(dtype)
+    dy = torch.randn(*lead, hidden, generator=g).to(dtype)
+    results = []
+    for fn in (nf4_lora_mlp, nf4_lora_mlp_reference):
+        xl = x.clone().requires_grad_(True)
+        ps = [[t.clone().requires_grad_(True) if i in (2, 3) else t for i, t in enumerate(p)] for p in projections]
+        y = fn(xl, *ps)
+        y.backward(dy)
+        results.append([y.detach(), xl.grad] + [p[i].grad for p in ps for i in (2, 3)])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip(*results):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) <= tol
+
+
+def test_mlp_bad_input():
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = (_projection(g, 40, 64, 2, 1.0, torch.float32), _projection(g, 40, 64, 2, 1.0, torch.float32),
+                      _projection(g, 64, 40, 2, 1.0, torch.float32))
+    with pytest.raises(ValueError, match="MLP shapes do not chain"):
+        nf4_lora_mlp(torch.randn(3, 64), gate, up, gate)
+    with pytest.raises(ValueError, match="down: shapes do not chain"):
+        nf4_lora_mlp(torch.randn(3, 64), gate, up, down[:2] + [down[2][:, :7], down[3], 1.0])
+    with pytest.raises(TypeError, match="x's dtype"):
+        nf4_lora_mlp(torch.randn(3, 64), gate, up[:2] + [up[2].half(), up[3], 1.0], down)
+
+
+def test_mlp_keeps_less_for_backward():
+    """What autograd keeps alive between forward and backward: the fused op keeps x, [g | u] and rank-r products;
+    the unfused reference (transformers' order of ops) keeps more than twice as much at these shapes."""
+    g = torch.Generator().manual_seed(4)
+    hidden, inter, r, tokens = 64, 256, 4, 33
+    projections = [_projection(g, inter, hidden, r, 1.0, torch.float32),
+                   _projection(g, inter, hidden, r, 1.0, torch.float32),
+                   _projection(g, hidden, inter, r, 1.0, torch.float32)]
+    for p in projections:
+        p[2].requires_grad_(True)
+        p[3].requires_grad_(True)
+    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    kept = {}
+    for fn in (nf4_lora_mlp, nf4_lora_mlp_reference):
+        seen = {}
+
+        def pack(t):
+            if t.dtype.is_floating_point and t.numel() >= tokens:  # activations (weights are not token-sized)
+                seen[(t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, *projections)
+        params = {p[i].untyped_storage().data_ptr() for p in projections for i in (2, 3)} | {x.untyped_storage().data_ptr()}
+        kept[fn.__name__] = sum(b for ptr, b in seen.items() if ptr not in params)
+    want = 4 * tokens * (2 * inter + 2 * r + r)  # [g | u] + x A^T for gate and up + h A_d^T (x itself is an input)
+    assert kept["nf4_lora_mlp"] == want
+    assert kept["nf4_lora_mlp_reference"] >= 2 * want
+
+
+def test_peft_model_same_loss_and_lora_grads(tiny_llama):
+    from nbhelpers.fast import speed_up, use_nf4_lora_mlp
+    from nbhelpers.loading import add_lora, load_model
+
+    model, _ = load_model(tiny_llama, quantization="nf4", dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=4, alpha=8)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 17), generator=g)
+    runs = []
+    for ours in (False, True):
+        if ours:
+            assert use_nf4_lora_mlp(model) == 2  # one MLP per layer
+            assert use_nf4_lora_mlp(model) == 0  # idempotent
+            speed_up(model)  # attention linears and the loss too
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want_loss, want), (got_loss, got) = runs
+    assert rel_err(got_loss, want_loss) <= 1e-5
+    assert got.keys() == want.keys() and len(got) == 28
+    worst = max(rel_err(got[k], want[k]) for k in want)
+    assert worst <= 1e-4, worst
+    # a call the fused op does not cover falls back to the MLP's own forward (here: adapters disabled)
+    mlp = model.base_model.model.model.layers[0].mlp
+    x = torch.randn(3, model.config.hidden_size, generator=g)
+    with model.disable_adapter():
+        assert torch.equal(mlp(x), mlp.down_proj.base_layer(
+            torch.nn.functional.silu(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)))
+
+
+def test_aot_compile():
+    from nbhelpers.kernels.aot import SHARED_MEMORY_LIMIT, compile_specs
+    from nbhelpers.kernels.swiglu import aot_specs
+
+    specs = aot_specs(75, "fp16") + aot_specs(80, "bf16") + aot_specs(90, "bf16")
+    for spec, res in zip(specs, compile_specs(specs)):
+        assert "error" not in res, (spec["cc"], spec["kernel"], res)
+        assert res["shared"] <= SHARED_MEMORY_LIMIT[spec["cc"]]
+        assert res["n_spills"] in (0, None)
