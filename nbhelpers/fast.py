@@ -197,6 +197,9 @@ def use_nf4_lora(model) -> int:
         original = layer.forward
 
         def forward(self, x, *args, _original=original, **kwargs):
+            served = self.__dict__.get("_nbhelpers_served")  # set by `use_nf4_lora_qkv` for one attention call
+            if served is not None and served[0] is x and not args and not kwargs:
+                return served[1]
             if args or kwargs or not _nf4_lora_ready(self):
                 return _original(x, *args, **kwargs)
             name = [a for a in self.active_adapters if a in self.lora_A][0]
@@ -226,6 +229,14 @@ def _nf4_lora_projection(layer, name: str, dtype):
             layer.lora_B[name].weight.to(dtype), layer.scaling[name])
 
 
+def _ready_group(layers):
+    """The one active adapter name that every layer is ready to run through our ops with, else None."""
+    names = {tuple(a for a in p.active_adapters if a in p.lora_A) for p in layers}
+    if len(names) != 1 or not all(_nf4_lora_ready(p) for p in layers):
+        return None
+    return names.pop()[0]
+
+
 def use_nf4_lora_mlp(model) -> int:
     """Route Llama-style MLPs (`down(silu(gate(x)) * up(x))`, as in Llama, Qwen2/3, Mistral) whose three projections
     are peft NF4 LoRA layers through `nf4_lora_mlp`: one autograd node, gate and up as one GEMM, the SwiGLU in one
@@ -248,11 +259,10 @@ def use_nf4_lora_mlp(model) -> int:
 
         def forward(self, x, *args, _original=original, **kwargs):
             layers = (self.gate_proj, self.up_proj, self.down_proj)
-            names = {tuple(a for a in p.active_adapters if a in p.lora_A) for p in layers}
-            if (args or kwargs or len(names) != 1 or not all(_nf4_lora_ready(p) for p in layers)
-                    or any(p.base_layer.bias is not None for p in layers)):
+            name = None if args or kwargs or any(p.base_layer.bias is not None for p in layers) else \
+                _ready_group(layers)
+            if name is None:
                 return _original(x, *args, **kwargs)
-            name = names.pop()[0]
             dtype = self.gate_proj.base_layer.compute_dtype or x.dtype
             y = nf4_lora_mlp(x.to(dtype), *(_nf4_lora_projection(p, name, dtype) for p in layers))
             return y.to(x.dtype)
@@ -263,11 +273,60 @@ def use_nf4_lora_mlp(model) -> int:
     return count
 
 
-def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: bool = True):
-    """The above where they apply; returns the model. `fused_mlp` routes Llama-style NF4 LoRA MLPs through one op
-    (`use_nf4_lora_mlp`); `nf4_lora` every other NF4 LoRA linear (and the MLPs' when `fused_mlp` is off)."""
+def use_nf4_lora_qkv(model) -> int:
+    """Compute the q, k and v projections of attention modules whose three projections are peft NF4 LoRA layers with
+    `nf4_lora_linears`: one decode buffer, one GEMM each way, x read once for the three LoRA products. Returns how
+    many attention modules were routed.
+
+    The attention's own forward (transformers' code) still runs: the wrapper computes the three outputs first from
+    the `hidden_states` it receives, and for the length of that call each projection returns its output when it is
+    called with that same tensor (any other call computes as usual). The projections are routed through
+    `use_nf4_lora` too. A call the op does not cover falls back as there.
+    """
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from .kernels.nf4_lora_qkv import nf4_lora_linears
+
+    use_nf4_lora(model)
+    count = 0
+    for attn in model.modules():
+        layers = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        if getattr(attn, "_nbhelpers_nf4_lora_qkv", False) or not all(isinstance(p, LoraLinear4bit) for p in layers):
+            continue
+        original = attn.forward
+
+        def forward(self, *args, _original=original, **kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+            layers = (self.q_proj, self.k_proj, self.v_proj)
+            name = _ready_group(layers) if torch.is_tensor(hidden) else None
+            if name is None:
+                return _original(*args, **kwargs)
+            dtype = layers[0].base_layer.compute_dtype or hidden.dtype
+            outs = nf4_lora_linears(hidden.to(dtype), [
+                _nf4_lora_projection(p, name, dtype)
+                + (p.base_layer.bias.to(dtype) if p.base_layer.bias is not None else None,) for p in layers])
+            for p, y in zip(layers, outs):
+                p._nbhelpers_served = (hidden, y.to(hidden.dtype))
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                for p in layers:
+                    del p._nbhelpers_served
+
+        attn.forward = types.MethodType(forward, attn)
+        attn._nbhelpers_nf4_lora_qkv = True
+        count += 1
+    return count
+
+
+def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: bool = True, fused_qkv: bool = True):
+    """The above where they apply; returns the model. With `nf4_lora`, every NF4 LoRA linear runs through our op;
+    `fused_mlp` makes each Llama-style MLP one op (`use_nf4_lora_mlp`), `fused_qkv` each attention's q, k and v
+    (`use_nf4_lora_qkv`)."""
     if nf4_lora and fused_mlp:
         use_nf4_lora_mlp(model)
+    if nf4_lora and fused_qkv:
+        use_nf4_lora_qkv(model)
     if nf4_lora:
         use_nf4_lora(model)
     if fused_loss:

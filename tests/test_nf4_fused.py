@@ -1,5 +1,6 @@
-"""The SwiGLU kernel vs torch's own silu(g) * u; the fused NF4 LoRA MLP vs plain-torch autograd; peft integration on a
-tiny NF4 Llama; what the fused MLP keeps for backward; AOT builds. The Triton path runs in a child process with the
+"""The SwiGLU kernel vs torch's own silu(g) * u; the fused NF4 LoRA MLP and the shared-input q/k/v op vs plain-torch
+autograd; peft integration on tiny NF4 Llama and Qwen2 (q/k/v biases) models; what the fused MLP keeps for backward;
+AOT builds. The Triton path runs in a child process with the
 interpreter on."""
 
 import pytest
@@ -9,6 +10,7 @@ import bitsandbytes.functional as BF
 
 from nbhelpers.kernels import interpreting
 from nbhelpers.kernels.nf4_lora_mlp import nf4_lora_mlp, nf4_lora_mlp_reference
+from nbhelpers.kernels.nf4_lora_qkv import nf4_lora_linears, nf4_lora_linears_reference
 from nbhelpers.kernels.swiglu import swiglu, swiglu_backward, swiglu_forward
 
 INTERPRETING = interpreting()
@@ -153,39 +155,132 @@ def test_mlp_keeps_less_for_backward():
     assert kept["nf4_lora_mlp_reference"] >= 2 * want
 
 
-def test_peft_model_same_loss_and_lora_grads(tiny_llama):
-    from nbhelpers.fast import speed_up, use_nf4_lora_mlp
-    from nbhelpers.loading import add_lora, load_model
+@pytest.mark.parametrize("path", [PATH])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead", [(13,), (2, 5)])
+def test_shared_input_linears_match_reference(path, dtype, lead):
+    g = torch.Generator().manual_seed(5)
+    hidden = 70
+    projections = [_projection(g, 45, hidden, 3, 1.7, dtype) + [torch.randn(45, generator=g).to(dtype)],
+                   _projection(g, 13, hidden, 2, 0.5, dtype) + [None],
+                   _projection(g, 13, hidden, 4, 2.0, dtype) + [torch.randn(13, generator=g).to(dtype)]]
+    x = torch.randn(*lead, hidden, generator=g).to(dtype)
+    dys = [torch.randn(*lead, n, generator=g).to(dtype) for n in (45, 13, 13)]
+    results = []
+    for fn in (nf4_lora_linears, nf4_lora_linears_reference):
+        xl = x.clone().requires_grad_(True)
+        ps = [[t.clone().requires_grad_(True) if i in (2, 3, 5) and t is not None else t for i, t in enumerate(p)]
+              for p in projections]
+        ys = fn(xl, ps)
+        # the middle output is not used: its gradient arrives as None and counts as zero
+        (ys[0] * dys[0]).sum().add_((ys[2] * dys[2]).sum()).backward()
+        grads = [p[i].grad if p[i].grad is not None else torch.zeros_like(p[i]) for p in ps for i in (2, 3, 5)
+                 if p[i] is not None]  # the reference leaves the unused projection's factors without a gradient
+        results.append([y.detach() for y in ys] + [xl.grad] + grads)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert len(results[0]) == len(results[1]) == 12
+    for got, want in zip(*results):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) <= tol
 
-    model, _ = load_model(tiny_llama, quantization="nf4", dtype=torch.float32, device="cpu")
-    model = add_lora(model, r=4, alpha=8)
+
+def test_shared_input_bad_input():
+    g = torch.Generator().manual_seed(0)
+    q = _projection(g, 40, 64, 2, 1.0, torch.float32) + [None]
+    with pytest.raises(ValueError, match="at least one"):
+        nf4_lora_linears(torch.randn(3, 64), [])
+    with pytest.raises(ValueError, match="projection 1: shapes do not chain"):
+        nf4_lora_linears(torch.randn(3, 64), [q, q[:5] + [torch.zeros(7)]])
+    with pytest.raises(TypeError, match="projection 0: expected A, B and bias"):
+        nf4_lora_linears(torch.randn(3, 64), [q[:5] + [torch.zeros(40, dtype=torch.float16)]])
+
+
+def _same_loss_and_grads(model, ids, patch):
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (2, 17), generator=g)
     runs = []
     for ours in (False, True):
         if ours:
-            assert use_nf4_lora_mlp(model) == 2  # one MLP per layer
-            assert use_nf4_lora_mlp(model) == 0  # idempotent
-            speed_up(model)  # attention linears and the loss too
+            patch(model)
         model.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (want_loss, want), (got_loss, got) = runs
     assert rel_err(got_loss, want_loss) <= 1e-5
-    assert got.keys() == want.keys() and len(got) == 28
+    assert got.keys() == want.keys() and len(got) == 28  # 2 layers x 7 linears x (A, B)
     worst = max(rel_err(got[k], want[k]) for k in want)
     assert worst <= 1e-4, worst
-    # a call the fused op does not cover falls back to the MLP's own forward (here: adapters disabled)
+
+
+def _count_calls(monkeypatch, cls):
+    calls = []
+    forward = cls.forward
+
+    def counted(ctx, *args):
+        calls.append(cls.__name__)
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(cls, "forward", staticmethod(counted))
+    return calls
+
+
+def test_peft_model_same_loss_and_lora_grads(tiny_llama, monkeypatch):
+    from nbhelpers.fast import speed_up, use_nf4_lora_mlp, use_nf4_lora_qkv
+    from nbhelpers.kernels.nf4_lora import NF4LoRALinear
+    from nbhelpers.kernels.nf4_lora_mlp import NF4LoRAMLP
+    from nbhelpers.kernels.nf4_lora_qkv import NF4LoRAShared
+    from nbhelpers.loading import add_lora, load_model
+
+    model, _ = load_model(tiny_llama, quantization="nf4", dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=4, alpha=8)
+    ids = torch.randint(3, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def patch(m):
+        assert use_nf4_lora_mlp(m) == 2 and use_nf4_lora_qkv(m) == 2  # one MLP and one attention per layer
+        assert use_nf4_lora_mlp(m) == 0 and use_nf4_lora_qkv(m) == 0  # idempotent
+        speed_up(m)  # o_proj and the loss too
+
+    calls = [_count_calls(monkeypatch, c) for c in (NF4LoRALinear, NF4LoRAMLP, NF4LoRAShared)]
+    _same_loss_and_grads(model, ids, patch)
+    assert [len(c) for c in calls] == [2, 2, 2]  # per layer: o_proj alone, the MLP, q/k/v (nothing computed twice)
+    # a call the fused ops do not cover falls back to the module's own forward (here: adapters disabled)
     mlp = model.base_model.model.model.layers[0].mlp
-    x = torch.randn(3, model.config.hidden_size, generator=g)
+    x = torch.randn(3, model.config.hidden_size)
     with model.disable_adapter():
         assert torch.equal(mlp(x), mlp.down_proj.base_layer(
             torch.nn.functional.silu(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)))
+        model(input_ids=ids)
+    assert [len(c) for c in calls] == [2, 2, 2]
+
+
+def test_qwen2_biases_same_loss_and_lora_grads(tmp_path, monkeypatch):
+    """Qwen2 puts biases on q, k and v: the shared-input op adds them (and peft's own path is the reference)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from nbhelpers.fast import speed_up
+    from nbhelpers.loading import add_lora, load_model
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(1)
+    base = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(std=0.5)
+    base.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), quantization="nf4", dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=4, alpha=8)
+    assert model.base_model.model.model.layers[0].self_attn.k_proj.base_layer.bias is not None
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    from nbhelpers.kernels.nf4_lora_qkv import NF4LoRAShared
+
+    calls = _count_calls(monkeypatch, NF4LoRAShared)
+    _same_loss_and_grads(model, ids, speed_up)
+    assert len(calls) == 2  # the biased q/k/v of both layers went through the shared-input op
 
 
 def test_aot_compile():
