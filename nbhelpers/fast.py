@@ -166,6 +166,66 @@ def use_fused_loss(model, temperature: float = 1.0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fused RMSNorm
+
+# module path -> (RMSNorm class name, eps attribute, weight_in_fp32: the cast order of its forward)
+_RMS_NORMS = {
+    "llama": ("LlamaRMSNorm", "variance_epsilon", False),
+    "qwen2": ("Qwen2RMSNorm", "variance_epsilon", False),
+    "qwen3": ("Qwen3RMSNorm", "variance_epsilon", False),
+    "mistral": ("MistralRMSNorm", "variance_epsilon", False),
+    "gpt_oss": ("GptOssRMSNorm", "variance_epsilon", True),
+}
+
+
+def _rms_norm_classes() -> dict:
+    """{class: (eps attribute, weight_in_fp32)} for the RMSNorm classes this transformers install has."""
+    import importlib
+
+    found = {}
+    for arch, (name, eps_attr, weight_in_fp32) in _RMS_NORMS.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if cls is not None:
+            found[cls] = (eps_attr, weight_in_fp32)
+    return found
+
+
+def use_fused_rms_norm(model) -> int:
+    """Route the RMSNorms of Llama, Qwen2, Qwen3, Mistral and gpt-oss through `rms_norm` (one kernel forward, one
+    backward); returns how many modules were routed.
+
+    The forward is replaced on each module instance (idempotent); the cast order is the class's own. A subclass
+    with a forward of its own is left alone, as are other models' norms. Where Triton would not run for the input
+    (CPU without the interpreter) the module's original forward runs.
+    """
+    from .kernels import use_triton
+    from .kernels.rms_norm import rms_norm
+
+    classes = _rms_norm_classes()
+    count = 0
+    for module in model.modules():
+        cls = next((c for c in classes if isinstance(module, c)), None)
+        if cls is None or type(module).forward is not cls.forward or getattr(module, "_nbhelpers_rms_norm", False):
+            continue
+        eps_attr, weight_in_fp32 = classes[cls]
+        original = module.forward
+
+        def forward(self, hidden_states, _original=original, _eps_attr=eps_attr, _weight_in_fp32=weight_in_fp32):
+            if not use_triton(hidden_states, self.weight):
+                return _original(hidden_states)
+            return rms_norm(hidden_states, self.weight, getattr(self, _eps_attr), weight_in_fp32=_weight_in_fp32)
+
+        module.forward = types.MethodType(forward, module)
+        module._nbhelpers_rms_norm = True
+        count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # NF4 LoRA linears
 
 def _nf4_lora_ready(layer) -> bool:
