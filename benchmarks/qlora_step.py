@@ -1,16 +1,22 @@
 """QLoRA SFT step at Llama-3-8B shapes: transformers + peft + bitsandbytes (SDPA) vs the same model with our kernels.
 
-  plain      bnb NF4 (double quant) + peft LoRA r=16 on all linears, SDPA, HF's loss on full logits
-  nbhelpers  the same model object setup, then `nbhelpers.fast.speed_up(model)`: NF4 LoRA linears through
-             `nf4_lora_linear`, loss through `fused_linear_cross_entropy` (no N x V logits)
+  plain            bnb NF4 (double quant) + peft LoRA r=16 on all linears, SDPA, HF's loss on full logits
+  nbhelpers-linear the same model, then `speed_up(model, fused_mlp=False, fused_qkv=False, fused_norm=False)`:
+                   every NF4 LoRA linear through `nf4_lora_linear` (one op per linear), loss through
+                   `fused_linear_cross_entropy` (no N x V logits)
+  nbhelpers        `speed_up(model)`: as above, plus each MLP (gate, up, down + SwiGLU) as one op, each attention's
+                   q/k/v as one op (one GEMM), RMSNorm as one kernel each way
 
 Llama-3-8B shapes (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128,256) with random weights and
 `--layers` decoder layers (default 4 of the real 32, to keep load time and memory small: the LM head / loss part
 is full size, the per-layer part scales with the layer count, so read the per-layer numbers as such). Gradient
-checkpointing on, batch 1 x `--seq-len` 2048, AdamW on the LoRA weights. Both paths run in one process, one after
-the other (plain first), each with its own warm-up.
+checkpointing on, batch 1 x `--seq-len` 2048, AdamW on the LoRA weights. All paths run in one process, one after
+the other, each with its own warm-up; `--rounds N` repeats the set N times, rotating the order, and reports the
+median. `--profile` adds, per path, one profiled step's GPU time by kernel family (GEMM, NF4 decode, attention,
+elementwise, ...): where the step's time goes.
 
   python benchmarks/qlora_step.py                     # on a GPU
+  python benchmarks/qlora_step.py --layers 2 --rounds 3 --profile
   python benchmarks/qlora_step.py --quick             # toy shapes on CPU
 """
 from __future__ import annotations
@@ -44,20 +50,72 @@ def llama3_8b_config(layers: int, quick: bool):
                        max_position_embeddings=8192, rope_theta=500000.0, attn_implementation="sdpa")
 
 
+SPEED_UP = {"plain": None, "nbhelpers-linear": dict(fused_mlp=False, fused_qkv=False, fused_norm=False),
+            "nbhelpers": {}}
+
+# kernel families, by substrings of the kernel's name (first match wins)
+FAMILIES = (
+    ("NF4 decode", ("_nf4_dequant", "kDequantize")),
+    ("attention", ("flash", "fmha", "attention", "_attn")),
+    ("fused CE", ("_ce_rows", "_ce_grad")),
+    ("SwiGLU", ("_swiglu",)),
+    ("RMSNorm", ("_rms_norm",)),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "splitk")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("copy / cat / cast", ("copy", "cat", "Cat")),
+    ("reduction", ("reduce", "Reduce")),
+    ("other elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
 def load(name, path, dtype, device):
     model = load_plain(path, dtype, device)
-    if name == "nbhelpers":
+    if SPEED_UP[name] is not None:
         from nbhelpers.fast import speed_up
 
-        speed_up(model)
+        speed_up(model, **SPEED_UP[name])
     return model
 
 
+def profile_step(step, top: int = 12) -> dict:
+    """One training step under torch.profiler: GPU time per kernel family and the `top` kernels (on CPU, for
+    checking this code only: the self time of aten ops, which the families do not classify)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.events():
+        if cuda and evt.device_type == torch.autograd.DeviceType.CUDA:
+            t = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0)
+        elif not cuda:
+            t = evt.self_cpu_time_total
+        else:
+            continue
+        kernels[evt.name] = kernels.get(evt.name, 0.0) + t / 1000.0  # ms
+    families = {}
+    for name, ms in kernels.items():
+        family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {"gpu_ms": sum(kernels.values()), "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top": [(n[:90], ms) for n, ms in ranked]}
+
+
 def bench(name, path, batch, args, dtype, device):
+    after = profile_step if args.profile else None
     r = bench_path(name, path, batch, args, dtype, device, loader=lambda p, d, dev: load(name, p, d, dev), lr=1e-5,
-                   seed=0, peak_after_warmup=True)
+                   seed=0, peak_after_warmup=True, after=after)
     return {"path": name, "tokens_per_s": r["tokens_per_s"], "loss": r["loss"], "peak_mb": r["peak_allocated_mb"],
-            "steady_mb": r["steady_mb"]}
+            "steady_mb": r["steady_mb"], "profile": r.get("after")}
+
+
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def main(argv=None):
@@ -68,6 +126,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--paths", nargs="+", default=list(SPEED_UP), choices=list(SPEED_UP))
+    p.add_argument("--rounds", type=int, default=1, help="repeat all paths, rotating the order; report medians")
+    p.add_argument("--profile", action="store_true", help="GPU time by kernel family for one step per path")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
@@ -77,27 +138,50 @@ def main(argv=None):
     config = llama3_8b_config(args.layers, args.quick)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=g).to(device)
+    runs = {name: [] for name in args.paths}
     with tempfile.TemporaryDirectory(prefix="qlora_step_") as path:
         save_random_model(config, dtype, path)
-        rows = [bench(name, path, batch, args, dtype, device) for name in ("plain", "nbhelpers")]
+        for k in range(args.rounds):
+            for name in args.paths[k % len(args.paths):] + args.paths[:k % len(args.paths)]:
+                runs[name].append(bench(name, path, batch, args, dtype, device))
+    rows = []
+    for name, rs in runs.items():
+        peaks = [r["peak_mb"] for r in rs if r["peak_mb"] is not None]
+        rows.append({"path": name, "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+                     "tokens_per_s_all": [r["tokens_per_s"] for r in rs], "loss": rs[0]["loss"],
+                     "peak_mb": max(peaks) if peaks else None, "steady_mb": rs[0]["steady_mb"],
+                     "profile": rs[0]["profile"]})
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (CPU)"
     print(f"\n## qlora_step: Llama-3-8B shapes, {args.layers} layers, batch {args.batch} x {args.seq_len}, "
-          f"{dtype}, {args.steps} steps after {args.warmup} warm-up")
+          f"{dtype}, {args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s)")
     import peft
     import transformers
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"command: {shlex.join([sys.executable] + sys.argv)}\n")
-    print("| path | tokens/s | peak MB (timed steps) | after warm-up MB | loss |")
-    print("|---|---:|---:|---:|---:|")
+    print("| path | tokens/s (median) | each round | peak MB (timed steps) | after warm-up MB | loss |")
+    print("|---|---:|---|---:|---:|---:|")
     for r in rows:
         pk = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         st = "n/a" if r["steady_mb"] is None else f"{r['steady_mb']:.0f}"
-        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {pk} | {st} | {r['loss']:.4f} |")
-    pl, nb = rows
-    ratio_mem = nb["peak_mb"] / pl["peak_mb"] if pl["peak_mb"] else None
-    print(f"\nnbhelpers/plain: tokens/s x{nb['tokens_per_s'] / pl['tokens_per_s']:.3f}, peak memory "
-          + ("n/a" if ratio_mem is None else f"x{ratio_mem:.3f}"))
+        each = ", ".join(f"{t:.0f}" for t in r["tokens_per_s_all"])
+        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {each} | {pk} | {st} | {r['loss']:.4f} |")
+    base = next((r for r in rows if r["path"] == "plain"), None)
+    for r in rows:
+        if base is not None and r is not base:
+            mem = f"x{r['peak_mb'] / base['peak_mb']:.3f}" if base["peak_mb"] else "n/a"
+            print(f"{r['path']}/plain: tokens/s x{r['tokens_per_s'] / base['tokens_per_s']:.3f}, peak memory {mem}")
+    for r in rows:
+        if r["profile"]:
+            prof = r["profile"]
+            what = "GPU kernels" if device.type == "cuda" else "CPU op self time (a code check, not a GPU figure)"
+            print(f"\n### {r['path']}: one step, {prof['gpu_ms']:.1f} ms of {what}")
+            print("| family | ms | share |\n|---|---:|---:|")
+            for fam, ms in prof["families"].items():
+                print(f"| {fam} | {ms:.2f} | {ms / prof['gpu_ms']:.1%} |")
+            print("| top kernels | ms |  |\n|---|---:|---:|")
+            for name, ms in prof["top"]:
+                print(f"| `{name}` | {ms:.2f} | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

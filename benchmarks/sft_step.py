@@ -117,11 +117,13 @@ def train_step(model, optimizer, batch: torch.Tensor) -> float:
 
 
 def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dtype, device: torch.device,
-               loader=None, lr: float = 1e-4, seed: int = SEED, peak_after_warmup: bool = False) -> dict:
+               loader=None, lr: float = 1e-4, seed: int = SEED, peak_after_warmup: bool = False,
+               after=None) -> dict:
     """Time `args.steps` training steps after `args.warmup`; `loader(path, dtype, device)` defaults to PATHS[name].
 
     Peak memory counts loading and warm-up too, unless `peak_after_warmup` (then it is the timed steps' peak, and
-    `steady_mb` is what stays allocated after warm-up)."""
+    `steady_mb` is what stays allocated after warm-up). `after(step)`, if given, is called once the timings are
+    taken with a function that runs one more training step; what it returns is stored as `result["after"]`."""
     cuda = device.type == "cuda"
     if cuda:
         gc.collect()
@@ -150,6 +152,8 @@ def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dty
               "peak_allocated_mb": torch.cuda.max_memory_allocated(device) / MB if cuda else None,
               "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / MB if cuda else None,
               "steady_mb": steady_mb}
+    if after is not None:
+        result["after"] = after(lambda: train_step(model, optimizer, batch))
     del model, optimizer, params
     gc.collect()
     if cuda:

@@ -4,7 +4,8 @@ from .data import (eval_rows, format_dataset, load_sft_dataset, make_task_datase
 from .env import adapt_to_device, environment, pick_device, pick_dtype, report_environment
 from .evaluate import exact_match, generate, show_examples, write_jsonl
 from .export import merge_lora, save_adapter, save_merged
-from .fast import speed_up, use_fused_loss, use_nf4_lora
+from .fast import (speed_up, use_fused_loss, use_fused_rms_norm, use_nf4_lora, use_nf4_lora_mlp,
+                   use_nf4_lora_qkv)
 from .loading import add_lora, load_lora, load_model, lora_targets
 from .memory import WontFitError, check_memory, estimate, plan_memory
 from .offload import enable_offloaded_checkpointing, offload_embeddings

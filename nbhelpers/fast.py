@@ -1,4 +1,5 @@
-"""Plug our kernels into a transformers / peft model: fused linear cross-entropy for the loss, NF4 LoRA linears.
+"""Plug our kernels into a transformers / peft model: fused linear cross-entropy for the loss, fused RMSNorm, NF4
+LoRA linears (one op per linear, per Llama-style MLP, per attention's q/k/v). `speed_up(model)` applies them all.
 
 `use_fused_loss(model)` wraps the CausalLM's `forward` on the instance (peft models: the base model inside, which
 peft calls). While a call carries `labels`, the LM head's forward is swapped for one that only records the hidden
@@ -215,7 +216,8 @@ def use_fused_rms_norm(model) -> int:
         original = module.forward
 
         def forward(self, hidden_states, _original=original, _eps_attr=eps_attr, _weight_in_fp32=weight_in_fp32):
-            if not use_triton(hidden_states, self.weight):
+            # under torch.compile (compiled rollouts) Inductor fuses transformers' own norm into one kernel itself
+            if not use_triton(hidden_states, self.weight) or torch.compiler.is_compiling():
                 return _original(hidden_states)
             return rms_norm(hidden_states, self.weight, getattr(self, _eps_attr), weight_in_fp32=_weight_in_fp32)
 
@@ -379,10 +381,13 @@ def use_nf4_lora_qkv(model) -> int:
     return count
 
 
-def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: bool = True, fused_qkv: bool = True):
+def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: bool = True, fused_qkv: bool = True,
+             fused_norm: bool = True):
     """The above where they apply; returns the model. With `nf4_lora`, every NF4 LoRA linear runs through our op;
     `fused_mlp` makes each Llama-style MLP one op (`use_nf4_lora_mlp`), `fused_qkv` each attention's q, k and v
-    (`use_nf4_lora_qkv`)."""
+    (`use_nf4_lora_qkv`); `fused_norm` runs the RMSNorms through our kernel (`use_fused_rms_norm`)."""
+    if fused_norm:
+        use_fused_rms_norm(model)
     if nf4_lora and fused_mlp:
         use_nf4_lora_mlp(model)
     if nf4_lora and fused_qkv:

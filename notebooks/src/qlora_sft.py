@@ -139,8 +139,10 @@ print(f"held-out exact match before training: {before['accuracy']:.2f}")
 # %% [markdown]
 # ## Train
 # TRL's `SFTTrainer` with the tokenized rows as they are (`input_ids` + `labels`).
-# `nb.speed_up` routes every NF4 LoRA layer through our kernel (dequantize + base matmul + LoRA in one autograd
-# op) and computes the loss with our fused linear cross-entropy (no batch x length x vocab logits in memory).
+# `nb.speed_up` swaps in our kernels, each checked against the code it replaces: every MLP (gate, up, down and the
+# SwiGLU between them) becomes one autograd op, and so do each attention's q/k/v and every other NF4 LoRA linear
+# (the 4-bit weight is decoded on the fly, never kept); RMSNorm is one kernel each way on a GPU; and the loss comes
+# from our fused linear cross-entropy (no batch x length x vocab logits in memory).
 
 # %%
 from trl import SFTConfig, SFTTrainer
@@ -153,7 +155,7 @@ args = SFTConfig(
     save_strategy="no", report_to="none", seed=seed, dataloader_num_workers=0,
     gradient_checkpointing=False)  # checkpointing is already on (offloaded, above); TRL would replace it
 trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
-nb.speed_up(trainer.model)  # our NF4 LoRA linears + fused linear cross-entropy (see the note above)
+nb.speed_up(trainer.model)  # fused MLP, q/k/v, RMSNorm, NF4 LoRA linears, fused cross-entropy (note above)
 nb.reset_peak_memory(device)
 with nb.Timer() as timer:
     trainer.train()
