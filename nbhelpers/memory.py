@@ -114,7 +114,7 @@ def _dims(config) -> dict:
 
 
 def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act_bytes: int,
-                           attn_implementation: str) -> int:
+                           attn_implementation: str, fused_layers: bool = False) -> int:
     """Bytes autograd saves in one decoder layer (LoRA on every linear, frozen base, compute dtype `act_bytes`).
 
     Per token: the RMSNorm fp32 copy (4H); the normed input and LoRA's own casts of it (q/k/v: 4H for Llama-style,
@@ -123,6 +123,10 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and gate_up, its slices,
     clamps, sigmoid and product (6I), and the router logits (E). Eager attention adds its probabilities
     `[batch, heads, L, L + 1]` (the sink column included); flash-style kernels keep only the log-sum-exp (fp32).
+
+    `fused_layers`: a Llama-style layer run by `nbhelpers.speed_up`'s ops on a GPU (fused RMSNorm, q/k/v, MLP, NF4
+    LoRA linears) keeps instead, per token: each norm's input (2H) and fp32 1/rms (8 bytes), the normed inputs of
+    q/k/v and of the MLP (2H), and the MLP's gate and up outputs (2I), not SiLU(gate) or its product with up.
     """
     m = _dims(config)
     t, b, H = batch * seq_len, act_bytes, m["H"]
@@ -131,6 +135,8 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     per_token += b * (2 * m["q"] if eager else 2 * m["kv"])
     if m["moe"]:
         per_token += b * (3 * H + m["k"] * (H + 6 * m["I"] + 4 * lora_r) + m["E"])
+    elif fused_layers:
+        per_token += b * (4 * H + 2 * m["I"]) + 8 - 4 * H
     else:
         per_token += b * (5 * H + 4 * m["I"])
     total = t * per_token
@@ -163,7 +169,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
              dtype: torch.dtype = torch.float16, gradient_checkpointing: bool = True,
              offload_activations: bool = False, offload_embeddings: bool = False, fused_ce: bool = False,
              attn_implementation: str | None = None, lora_experts: bool | None = None,
-             generation: tuple[int, int] | None = None, optimizer: str = "adamw", cuda: bool = True) -> Estimate:
+             generation: tuple[int, int] | None = None, optimizer: str = "adamw", fused_layers: bool = False,
+             cuda: bool = True) -> Estimate:
     """Itemised predicted peak bytes of LoRA training (and generation with `generation=(sequences, length)`).
 
     config: a transformers config, or a model name / path / `tiny:<arch>` (only its config is read).
@@ -177,6 +184,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     lora_experts: LoRA on every expert of every layer (default: for gpt-oss).
     optimizer: the trainer's `optim` name: "adamw" / "adamw_torch" / "adamw_torch_fused" (two fp32 moments per
     LoRA parameter) or "adamw_8bit" / "paged_adamw_8bit" (bitsandbytes' 8-bit AdamW).
+    fused_layers: the layers run through `nbhelpers.speed_up`'s fused ops on a GPU (NF4): a Llama-style layer keeps
+    fewer activations, see `layer_activation_bytes` (no change is counted for MoE layers).
     cuda: add the CUDA context and allocator slack (`reserve`); False on CPU.
     """
     if isinstance(config, str):
@@ -185,6 +194,9 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
         config = load_config(config)
     if quantization not in (None, "nf4", "mxfp4"):
         raise ValueError(f"quantization must be None, 'nf4' or 'mxfp4', got {quantization!r}")
+    if fused_layers and quantization != "nf4":
+        raise ValueError(f"fused_layers needs quantization='nf4' (the fused ops run NF4 LoRA layers), found "
+                         f"{quantization!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if dtype not in _BYTES:
@@ -214,7 +226,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     # activations saved across the whole step
     t = batch * seq_len
     layer = layer_activation_bytes(config, seq_len=seq_len, batch=batch, lora_r=lora_r, act_bytes=b,
-                                   attn_implementation=attn)
+                                   attn_implementation=attn, fused_layers=fused_layers)
     if gradient_checkpointing:
         saved = 0 if offload_activations else m["L"] * t * m["H"] * b
     else:
@@ -251,7 +263,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
                         dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=gradient_checkpointing,
                         offload_activations=offload_activations, offload_embeddings=offload_embeddings,
                         fused_ce=fused_ce, attn_implementation=attn, lora_experts=lora_experts,
-                        generation=generation, optimizer=optimizer)
+                        generation=generation, optimizer=optimizer, fused_layers=fused_layers)
     return est
 
 

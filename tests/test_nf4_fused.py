@@ -283,6 +283,44 @@ def test_qwen2_biases_same_loss_and_lora_grads(tmp_path, monkeypatch):
     assert len(calls) == 2  # the biased q/k/v of both layers went through the shared-input op
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="runs in the interpreter child: the fused RMSNorm runs only in Triton")
+@pytest.mark.parametrize("path", [PATH])
+def test_planner_counts_what_the_fused_layers_keep(path):
+    """`estimate(..., fused_layers=True)` against the bytes autograd really keeps inside a decoder layer of an NF4
+    Llama run through `speed_up` (bf16 autocast), and well below what transformers + peft keep there."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nbhelpers import memory
+    from nbhelpers.fast import speed_up
+    from test_memory import _saved_layer_bytes, tiny_llama_config
+
+    cfg = tiny_llama_config(hidden_size=96, intermediate_size=200, head_dim=20, vocab_size=64)
+    torch.manual_seed(0)
+    saved = {}
+    with tempfile.TemporaryDirectory() as d:
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
+        for fused in (False, True):
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, quantization_config=bnb,
+                                                         attn_implementation="sdpa")
+            model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+            model.train()
+            if fused:
+                speed_up(model, fused_loss=False)
+            ids = torch.randint(0, cfg.vocab_size, (2, 47), generator=torch.Generator().manual_seed(0))
+            saved[fused] = _saved_layer_bytes(model, ids)
+    predicted = memory.layer_activation_bytes(cfg, seq_len=47, batch=2, lora_r=8, act_bytes=2,
+                                              attn_implementation="sdpa", fused_layers=True)
+    assert abs(predicted - saved[True]) / saved[True] < 0.08, (predicted, saved)
+    assert saved[True] < 0.65 * saved[False]
+    with pytest.raises(ValueError, match="fused_layers needs"):
+        memory.estimate(cfg, seq_len=47, batch=2, quantization="mxfp4", fused_layers=True)
+
+
 def test_aot_compile():
     from nbhelpers.kernels.aot import SHARED_MEMORY_LIMIT, compile_specs
     from nbhelpers.kernels.swiglu import aot_specs

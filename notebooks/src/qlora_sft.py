@@ -70,7 +70,8 @@ print(cfg)
 # %% [markdown]
 # ## Will it fit?
 # The memory planner predicts peak memory from the model's config alone (no weights downloaded): 4-bit weights,
-# LoRA with AdamW state, saved activations, logits. If the settings do not fit it shrinks the batch, then the
+# LoRA with AdamW state, saved activations, the loss's chunk of logits (our fused cross-entropy and fused layers,
+# which `nb.speed_up` turns on below, are counted). If the settings do not fit it shrinks the batch, then the
 # length, and says so; if nothing fits we stop here with the itemised estimate.
 
 # %%
@@ -78,7 +79,8 @@ on_gpu = device.type == "cuda"
 plan = nb.plan_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batch=cfg["batch_size"],
                       lora_r=cfg["lora_r"], quantization=cfg["quantization"], dtype=dtype,
                       gradient_checkpointing=cfg["gradient_checkpointing"],
-                      offload_activations=on_gpu and cfg["gradient_checkpointing"], offload_embeddings=on_gpu)
+                      offload_activations=on_gpu and cfg["gradient_checkpointing"], offload_embeddings=on_gpu,
+                      fused_ce=True, fused_layers=on_gpu and cfg["quantization"] == "nf4")  # `nb.speed_up`, below
 cfg.update(max_length=plan["seq_len"], batch_size=plan["batch"],
            grad_accum=cfg["grad_accum"] * plan["grad_accum_factor"])
 estimate = plan["estimate"]
