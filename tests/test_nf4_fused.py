@@ -330,3 +330,28 @@ def test_aot_compile():
         assert "error" not in res, (spec["cc"], spec["kernel"], res)
         assert res["shared"] <= SHARED_MEMORY_LIMIT[spec["cc"]]
         assert res["n_spills"] in (0, None)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fused_ops_under_checkpointing(tiny_llama, offload, monkeypatch):
+    """Under our (offloaded) checkpointing each layer's forward runs twice; the fused ops (and q/k/v's one-call
+    hand-over to the projections) give the same loss and LoRA gradients as peft's own layers without it."""
+    from nbhelpers.fast import speed_up
+    from nbhelpers.loading import add_lora, load_model
+    from nbhelpers.offload import enable_offloaded_checkpointing
+
+    model, _ = load_model(tiny_llama, quantization="nf4", dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=4, alpha=8, gradient_checkpointing=False)
+    ids = torch.randint(3, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def patch(m):
+        m.train()
+        enable_offloaded_checkpointing(m, offload=offload, verbose=False)
+        speed_up(m, fused_loss=False)
+
+    from nbhelpers.kernels.nf4_lora_mlp import NF4LoRAMLP
+    from nbhelpers.kernels.nf4_lora_qkv import NF4LoRAShared
+
+    calls = [_count_calls(monkeypatch, c) for c in (NF4LoRAMLP, NF4LoRAShared)]
+    _same_loss_and_grads(model, ids, patch)
+    assert [len(c) for c in calls] == [4, 4]  # 2 layers x (forward + recomputation in backward)
