@@ -3,6 +3,8 @@
   fused CE (Triton row kernel + cuBLAS) vs full fp64 logits, fp32 and bf16/fp16 inputs, reductions, big N x V
   NF4 decode (Triton) vs bitsandbytes' CUDA dequantize_4bit: bit-exact, fp16/bf16/fp32
   NF4 LoRA linear vs plain autograd on the decoded weight
+  SwiGLU (Triton) vs torch's silu(g) * u; the fused NF4 LoRA MLP and q/k/v ops vs plain autograd; RMSNorm (Triton)
+  vs transformers' LlamaRMSNorm and GptOssRMSNorm, forward and backward
 
   python benchmarks/cuda_checks.py
 """
@@ -103,12 +105,89 @@ def check_nf4(dev):
     return ok
 
 
+def check_fused(dev):
+    import bitsandbytes.functional as BF
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from nbhelpers.kernels.nf4_lora_mlp import nf4_lora_mlp, nf4_lora_mlp_reference
+    from nbhelpers.kernels.nf4_lora_qkv import nf4_lora_linears, nf4_lora_linears_reference
+    from nbhelpers.kernels.rms_norm import rms_norm
+    from nbhelpers.kernels.swiglu import swiglu
+
+    ok = True
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        a, b = (torch.randn(2, 1037, 3001, generator=g) * 4).to(dev, dtype), torch.randn(2, 1037, 3001, generator=g).to(dev, dtype)
+        dh = torch.randn(2, 1037, 3001, generator=g).to(dev, dtype)
+        res = []
+        for fn in (swiglu, lambda x, y: torch.nn.functional.silu(x) * y):
+            leaves = [t.clone().requires_grad_(True) for t in (a, b)]
+            out = fn(*leaves)
+            out.backward(dh)
+            res.append([out.detach()] + [t.grad for t in leaves])
+        errs = [rel(u, r) for u, r in zip(*res)]
+        ok &= max(errs) <= 2 * eps
+        print(f"SwiGLU {dtype}: rel err h {errs[0]:.2e} dg {errs[1]:.2e} du {errs[2]:.2e} (bound {2 * eps:.1e})")
+
+        def proj(n, k, r, bias=False):
+            w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dev, dtype)  # O(1) outputs: no fp16 overflow
+            p, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            return [p, qs, (torch.randn(r, k, generator=g) * 0.1).to(dev, dtype),
+                    (torch.randn(n, r, generator=g) * 0.1).to(dev, dtype), 2.0,
+                    torch.randn(n, generator=g).to(dev, dtype) if bias else None]
+
+        hidden, inter = 1030, 2750
+        x = torch.randn(3, 77, hidden, generator=g).to(dev, dtype)
+        mlp = [proj(inter, hidden, 16)[:5], proj(inter, hidden, 16)[:5], proj(hidden, inter, 16)[:5]]
+        qkv = [proj(1024, hidden, 8, True), proj(256, hidden, 8), proj(256, hidden, 8, True)]
+        for name, fn, ref, ps in (("MLP", nf4_lora_mlp, nf4_lora_mlp_reference, mlp),
+                                  ("q/k/v", nf4_lora_linears, nf4_lora_linears_reference, qkv)):
+            ups = None
+            res = []
+            for f in (fn, ref):
+                xl = x.clone().requires_grad_(True)
+                leaves = [[t.clone().requires_grad_(True) if i in (2, 3, 5) and t is not None else t
+                           for i, t in enumerate(p)] for p in ps]
+                out = f(xl, *leaves) if name == "MLP" else f(xl, leaves)
+                outs = out if isinstance(out, tuple) else (out,)
+                if ups is None:  # one fixed upstream gradient per output, the same for both paths
+                    ups = [torch.randn(o.shape, generator=g).to(dev, dtype) for o in outs]
+                torch.autograd.backward(outs, ups)
+                res.append([o.detach() for o in outs] + [xl.grad] + [p[i].grad for p in leaves
+                                                                      for i in (2, 3, 5) if i < len(p) and p[i] is not None])
+            errs = [rel(u, r) for u, r in zip(*res)]
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            ok &= max(errs) <= tol
+            print(f"NF4 LoRA {name} {dtype}: worst rel err {max(errs):.2e} over outputs and grads (bound {tol:.0e})")
+        for cls in (LlamaRMSNorm, GptOssRMSNorm):
+            norm = cls(2880, eps=1e-5).to(dev, dtype)
+            with torch.no_grad():
+                norm.weight.normal_(1.0, 0.3)
+            xs = torch.randn(4, 333, 2880, generator=g).to(dev, dtype)
+            dys = torch.randn(4, 333, 2880, generator=g).to(dev, dtype)
+            res = []
+            for f in (lambda t: rms_norm(t, norm.weight, norm.variance_epsilon, cls is GptOssRMSNorm), norm):
+                norm.zero_grad()
+                xl = xs.clone().requires_grad_(True)
+                out = f(xl)
+                out.backward(dys)
+                res.append([out.detach(), xl.grad, norm.weight.grad.clone()])
+            errs = [rel(u, r) for u, r in zip(*res)]
+            tol = 1e-5 if dtype == torch.float32 else 4 * eps
+            ok &= max(errs) <= tol
+            print(f"RMSNorm {cls.__name__} {dtype}: rel err y {errs[0]:.2e} dx {errs[1]:.2e} dW {errs[2]:.2e}")
+    return ok
+
+
 if __name__ == "__main__":
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__)
     ok = check_ce(dev)
     try:
         ok &= check_nf4(dev)
+        ok &= check_fused(dev)
     except ImportError as exc:
         print(f"NF4 checks need bitsandbytes: {exc}")
         ok = False
