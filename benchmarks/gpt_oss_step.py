@@ -284,17 +284,18 @@ def main(argv=None):
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16, 8 with --t4)")
     p.add_argument("--offload", action="store_true", help="offloaded checkpointing + the embedding table on the CPU")
     p.add_argument("--fused-ce", action="store_true", help="loss through the fused linear cross-entropy")
+    p.add_argument("--fused-norm", action="store_true", help="RMSNorms through our Triton kernel")
     p.add_argument("--optim", default=None, choices=["adamw_torch", "adamw_8bit"],
                    help="optimizer (default adamw_torch, adamw_8bit with --t4)")
     p.add_argument("--t4", action="store_true",
-                   help="the T4 recipe: --memory-fraction t4 --attn nbhelpers --offload --fused-ce --lora-r 8 "
-                        "--optim adamw_8bit, 2048 tokens (each can still be set explicitly)")
+                   help="the T4 recipe: --memory-fraction t4 --attn nbhelpers --offload --fused-ce --fused-norm "
+                        "--lora-r 8 --optim adamw_8bit, 2048 tokens (each can still be set explicitly)")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "experts", "step"])
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.t4:
         args.memory_fraction = args.memory_fraction or "t4"
-        args.offload = args.fused_ce = True
+        args.offload = args.fused_ce = args.fused_norm = True
         args.tokens = args.tokens or [2048]
     args.attn = args.attn or ("nbhelpers" if args.t4 else "eager")
     args.lora_r = args.lora_r or (8 if args.t4 else 16)
@@ -348,10 +349,15 @@ def main(argv=None):
             from nbhelpers.fast import use_fused_loss
 
             use_fused_loss(model)
+        if args.fused_norm:
+            from nbhelpers.fast import use_fused_rms_norm
+
+            use_fused_rms_norm(model)
         model.train()
         weights_mb = torch.cuda.memory_allocated(device) / MB if device.type == "cuda" else None
         report["model"] = {"allocated_mb_after_load": weights_mb, "lora_r": args.lora_r, "attn": args.attn,
-                           "offload": args.offload, "fused_ce": args.fused_ce, "optim": args.optim,
+                           "offload": args.offload, "fused_ce": args.fused_ce, "fused_norm": args.fused_norm,
+                           "optim": args.optim,
                            "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
         print("model:", json.dumps(report["model"]), flush=True)
         report["step"] = []
