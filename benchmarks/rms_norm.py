@@ -25,28 +25,14 @@ import datetime
 import json
 import os
 import shlex
-import statistics
 import sys
-import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+
 SHAPES = [(2048, 4096), (8192, 4096)]
 QUICK_SHAPES = [(37, 96), (129, 130)]
-
-
-def timed(fn, device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def saved_bytes(fn):
@@ -77,6 +63,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if not cuda:  # the interpreter must be on before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from nf4_decode import timed  # do_bench on CUDA, median of wall times elsewhere (imports triton: after the line above)
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from nbhelpers.kernels import use_triton

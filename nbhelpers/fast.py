@@ -115,6 +115,13 @@ def _trl_output(model, store, out, labels, shift_labels, num_items_in_batch, tem
     return Output(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask, aux_loss=aux)
 
 
+def _route(module, flag: str, forward) -> None:
+    """Replace `module.forward` on this instance with `forward` (a function of self) and mark it with `flag`, which
+    the `use_*` functions check so that applying one twice changes nothing."""
+    module.forward = types.MethodType(forward, module)
+    setattr(module, flag, True)
+
+
 def use_fused_loss(model, temperature: float = 1.0):
     """Make `model` (a CausalLM or a peft model around one) compute its loss with the fused linear cross-entropy.
 
@@ -161,8 +168,7 @@ def use_fused_loss(model, temperature: float = 1.0):
         out.logits = None
         return out
 
-    lm.forward = types.MethodType(forward, lm)
-    lm._nbhelpers_fused_loss = True
+    _route(lm, "_nbhelpers_fused_loss", forward)
     return model
 
 
@@ -221,8 +227,7 @@ def use_fused_rms_norm(model) -> int:
                 return _original(hidden_states)
             return rms_norm(hidden_states, self.weight, getattr(self, _eps_attr), weight_in_fp32=_weight_in_fp32)
 
-        module.forward = types.MethodType(forward, module)
-        module._nbhelpers_rms_norm = True
+        _route(module, "_nbhelpers_rms_norm", forward)
         count += 1
     return count
 
@@ -273,8 +278,7 @@ def use_nf4_lora(model) -> int:
                                 self.scaling[name], bias)
             return y.to(x.dtype)
 
-        layer.forward = types.MethodType(forward, layer)
-        layer._nbhelpers_nf4_lora = True
+        _route(layer, "_nbhelpers_nf4_lora", forward)
         count += 1
     return count
 
@@ -329,8 +333,7 @@ def use_nf4_lora_mlp(model) -> int:
             y = nf4_lora_mlp(x.to(dtype), *(_nf4_lora_projection(p, name, dtype) for p in layers))
             return y.to(x.dtype)
 
-        mlp.forward = types.MethodType(forward, mlp)
-        mlp._nbhelpers_nf4_lora_mlp = True
+        _route(mlp, "_nbhelpers_nf4_lora_mlp", forward)
         count += 1
     return count
 
@@ -375,8 +378,7 @@ def use_nf4_lora_qkv(model) -> int:
                 for p in layers:
                     del p._nbhelpers_served
 
-        attn.forward = types.MethodType(forward, attn)
-        attn._nbhelpers_nf4_lora_qkv = True
+        _route(attn, "_nbhelpers_nf4_lora_qkv", forward)
         count += 1
     return count
 
