@@ -284,9 +284,10 @@ def use_nf4_lora(model) -> int:
 
 
 def _silu(act) -> bool:
-    from transformers.activations import SiLUActivation
+    """Whether `act` is SiLU: torch's module, or transformers' own class where this version has one."""
+    from transformers import activations
 
-    return isinstance(act, (torch.nn.SiLU, SiLUActivation))
+    return isinstance(act, (torch.nn.SiLU,) + tuple(c for c in (getattr(activations, "SiLUActivation", None),) if c))
 
 
 def _nf4_lora_projection(layer, name: str, dtype):

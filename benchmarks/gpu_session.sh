@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# What docs/benchmarks.md lists as owed to a GPU, in order of value, in parts that each fit one 10-minute device
+# call. Every command has its own time limit and writes its log under $OUT (default ./gpu_out), so a part that runs
+# out of time still returns what finished.
+#
+#   bash benchmarks/gpu_session.sh 1     # correctness on the GPU, NF4 decode, RMSNorm, QLoRA step (3 paths + profile)
+#   bash benchmarks/gpu_session.sh 2     # gpt-oss-20b shapes: the T4 recipe under a T4's cap, then 4k / 16k tokens
+#   bash benchmarks/gpu_session.sh 3     # fused CE (trainable head), QAT overheads, rollouts
+#
+# bitsandbytes is not in every image: a wheel under .whl/ is installed into /tmp/site first when present.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if ! python -c "import bitsandbytes" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run, keep the log, never stop the part
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($limit s): $*"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "   exit $? ; tail:"
+    tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, \
+transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
+
+case "${1:-1}" in
+1)
+    step cuda_checks 120 python benchmarks/cuda_checks.py
+    step nf4_decode 60 python benchmarks/nf4_decode.py --json "$OUT/nf4_decode.json"
+    step rms_norm 90 python benchmarks/rms_norm.py --json "$OUT/rms_norm.json"
+    step qlora_step_2 260 python benchmarks/qlora_step.py --layers 2 --rounds 3 --profile --json "$OUT/qlora_2.json"
+    ;;
+2)
+    step gpt_oss_t4 300 python benchmarks/gpt_oss_step.py --t4 --skip check experts --json "$OUT/gpt_oss_t4.json"
+    step gpt_oss_long 270 python benchmarks/gpt_oss_step.py --tokens 4096 16384 --attn nbhelpers --offload \
+        --fused-ce --fused-norm --skip check experts --json "$OUT/gpt_oss_long.json"
+    ;;
+3)
+    step fused_ce 120 python benchmarks/fused_ce.py --tokens 8192 --trainable-head --reps 3
+    step qat 200 python benchmarks/qat.py
+    step rollout 250 python benchmarks/rollout.py --attn nbhelpers
+    ;;
+*)
+    echo "expected part 1, 2 or 3, found '$1'" >&2
+    exit 2
+    ;;
+esac
