@@ -247,11 +247,18 @@ def _nf4_lora_ready(layer) -> bool:
             and not getattr(layer, "use_dora", {}).get(name, False))
 
 
+def _one_token_decode(x) -> bool:
+    """A no-grad call on one token: bitsandbytes' own GEMV reads the 4-bit weight without decoding it, which beats
+    decoding the whole weight for one row, so our ops leave such calls to peft + bitsandbytes."""
+    return not torch.is_grad_enabled() and x.numel() == x.shape[-1]
+
+
 def use_nf4_lora(model) -> int:
     """Route peft's bitsandbytes `Linear4bit` LoRA layers through `nf4_lora_linear`; returns how many were routed.
 
     The forward is replaced on each module instance. A call the op does not cover (several or disabled adapters,
-    merged weights, dropout > 0, DoRA / other variants, extra forward kwargs) falls back to peft's own forward.
+    merged weights, dropout > 0, DoRA / other variants, extra forward kwargs), and a one-token no-grad call (decoding,
+    where bitsandbytes' GEMV is faster), falls back to peft's own forward.
     """
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
@@ -267,7 +274,7 @@ def use_nf4_lora(model) -> int:
             served = self.__dict__.get("_nbhelpers_served")  # set by `use_nf4_lora_qkv` for one attention call
             if served is not None and served[0] is x and not args and not kwargs:
                 return served[1]
-            if args or kwargs or not _nf4_lora_ready(self):
+            if args or kwargs or _one_token_decode(x) or not _nf4_lora_ready(self):
                 return _original(x, *args, **kwargs)
             name = [a for a in self.active_adapters if a in self.lora_A][0]
             base = self.base_layer
@@ -326,8 +333,8 @@ def use_nf4_lora_mlp(model) -> int:
 
         def forward(self, x, *args, _original=original, **kwargs):
             layers = (self.gate_proj, self.up_proj, self.down_proj)
-            name = None if args or kwargs or any(p.base_layer.bias is not None for p in layers) else \
-                _ready_group(layers)
+            covered = not (args or kwargs or _one_token_decode(x) or any(p.base_layer.bias is not None for p in layers))
+            name = _ready_group(layers) if covered else None
             if name is None:
                 return _original(x, *args, **kwargs)
             dtype = self.gate_proj.base_layer.compute_dtype or x.dtype
@@ -364,7 +371,7 @@ def use_nf4_lora_qkv(model) -> int:
         def forward(self, *args, _original=original, **kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
             layers = (self.q_proj, self.k_proj, self.v_proj)
-            name = _ready_group(layers) if torch.is_tensor(hidden) else None
+            name = _ready_group(layers) if torch.is_tensor(hidden) and not _one_token_decode(hidden) else None
             if name is None:
                 return _original(*args, **kwargs)
             dtype = layers[0].base_layer.compute_dtype or hidden.dtype

@@ -246,6 +246,13 @@ def test_peft_model_same_loss_and_lora_grads(tiny_llama, monkeypatch):
     calls = [_count_calls(monkeypatch, c) for c in (NF4LoRALinear, NF4LoRAMLP, NF4LoRAShared)]
     _same_loss_and_grads(model, ids, patch)
     assert [len(c) for c in calls] == [2, 2, 2]  # per layer: o_proj alone, the MLP, q/k/v (nothing computed twice)
+    # one-token decoding without grad is left to bitsandbytes' GEMV (peft's own forward): none of our ops run
+    with torch.no_grad():
+        model(input_ids=ids[:1, :1])
+    assert [len(c) for c in calls] == [2, 2, 2]
+    with torch.no_grad():  # two tokens: ours again (bitsandbytes decodes the whole weight too)
+        model(input_ids=ids[:1, :2])
+    assert [len(c) for c in calls] == [4, 4, 4]
     # a call the fused ops do not cover falls back to the module's own forward (here: adapters disabled)
     mlp = model.base_model.model.model.layers[0].mlp
     x = torch.randn(3, model.config.hidden_size)
@@ -253,7 +260,7 @@ def test_peft_model_same_loss_and_lora_grads(tiny_llama, monkeypatch):
         assert torch.equal(mlp(x), mlp.down_proj.base_layer(
             torch.nn.functional.silu(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)))
         model(input_ids=ids)
-    assert [len(c) for c in calls] == [2, 2, 2]
+    assert [len(c) for c in calls] == [4, 4, 4]
 
 
 def test_qwen2_biases_same_loss_and_lora_grads(tmp_path, monkeypatch):
