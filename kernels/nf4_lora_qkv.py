@@ -10,8 +10,9 @@
 
 The weights are decoded into one transient [N, H] buffer, so q, k and v (N = 4096 + 1024 + 1024 at Llama-3-8B
 shapes) are one GEMM each way instead of three, two of them narrow; x is read once for the three LoRA products
-instead of three times. Kept for backward: x and v (sum r_j per token). The outputs are column slices of one
-[T, N] tensor (rows of stride N; `.view` to heads works on them as on any linear's output).
+instead of three times. Kept for backward: x and v (sum r_j per token). The op's output is one [T, N] tensor;
+`nf4_lora_linears` returns its column slices (ordinary views: `.view` to heads, even in-place ops, work on them as
+on any linear's output), and their gradients arrive back as one [T, N] tensor.
 """
 from __future__ import annotations
 
@@ -40,42 +41,46 @@ class NF4LoRAShared(torch.autograd.Function):
         ns, rs = [qs.shape[0] for qs in quant_states], [t.shape[0] for t in a]
         w = _decode_all(packed, quant_states, x.dtype, x.device)
         v = x2 @ torch.cat(a).t()  # [T, sum r]
-        y = x2 @ w.t()  # [T, sum N]
+        out = torch.empty(*x.shape[:-1], sum(ns), dtype=x.dtype, device=x.device)  # returned as is: not a view
+        y = out.view(-1, out.shape[-1])  # [T, sum N]
+        torch.mm(x2, w.t(), out=y)
         del w
-        outs, off, roff = [], 0, 0
+        off, roff = 0, 0
         for n, r, bj, cj, s in zip(ns, rs, b, bias, scales):
             yj = y[:, off:off + n]
             yj.addmm_(v[:, roff:roff + r], bj.t(), alpha=s)
             if cj is not None:
                 yj += cj
-            outs.append(yj.reshape(*x.shape[:-1], n))
             off, roff = off + n, roff + r
         ctx.save_for_backward(x, v, *packed, *a, *b)
         ctx.quant_states, ctx.scales, ctx.ns, ctx.rs = quant_states, scales, ns, rs
         ctx.has_bias = [cj is not None for cj in bias]
-        return tuple(outs)
+        return out  # [..., sum N]; sliced outside, so the pieces are ordinary views
 
     @staticmethod
-    def backward(ctx, *dys):
+    def backward(ctx, dy):
         m = len(ctx.quant_states)
         x, v, *rest = ctx.saved_tensors
         packed, a, b = rest[:m], rest[m:2 * m], rest[2 * m:]
         need = ctx.needs_input_grad[3:]  # packed, a, b, bias: m each
-        x2 = x.reshape(-1, x.shape[-1])
-        dys = [dy.reshape(-1, n) if dy is not None else x2.new_zeros(x2.shape[0], n) for dy, n in zip(dys, ctx.ns)]
-        zs = [(dy @ bj) * s for dy, bj, s in zip(dys, b, ctx.scales)]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        bounds = [0]
+        for n in ctx.ns:
+            bounds.append(bounds[-1] + n)
+        dys = [dy2[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        zs = [(dyj @ bj) * s for dyj, bj, s in zip(dys, b, ctx.scales)]
         z = torch.cat(zs, dim=1)  # [T, sum r]
         da = z.t() @ x2 if any(need[m:2 * m]) else None
         grads_a, grads_b, grads_bias, roff = [], [], [], 0
-        for j, (dy, r, s) in enumerate(zip(dys, ctx.rs, ctx.scales)):
+        for j, (dyj, r, s) in enumerate(zip(dys, ctx.rs, ctx.scales)):
             grads_a.append(da[roff:roff + r] if need[m + j] else None)
-            grads_b.append((dy.t() @ v[:, roff:roff + r]) * s if need[2 * m + j] else None)
-            grads_bias.append(dy.sum(0) if ctx.has_bias[j] and need[3 * m + j] else None)
+            grads_b.append((dyj.t() @ v[:, roff:roff + r]) * s if need[2 * m + j] else None)
+            grads_bias.append(dyj.sum(0) if ctx.has_bias[j] and need[3 * m + j] else None)
             roff += r
         dx = None
         if ctx.needs_input_grad[0]:
-            w = _decode_all(packed, ctx.quant_states, dys[0].dtype, x.device)
-            dx = torch.cat(dys, dim=1) @ w
+            w = _decode_all(packed, ctx.quant_states, dy.dtype, x.device)
+            dx = dy2 @ w
             del w
             dx = dx.addmm_(z, torch.cat(a)).reshape(x.shape)
         return (dx, None, None, *([None] * m), *grads_a, *grads_b, *grads_bias)
@@ -98,8 +103,13 @@ def nf4_lora_linears(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
             raise TypeError(f"projection {j}: expected A, B and bias in x's dtype {x.dtype}, found A {a.dtype}, "
                             f"B {b.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
     cols = list(zip(*projections))
-    return NF4LoRAShared.apply(x.contiguous(), tuple(cols[1]), tuple(float(s) for s in cols[4]), *cols[0], *cols[2],
-                               *cols[3], *cols[5])
+    y = NF4LoRAShared.apply(x.contiguous(), tuple(cols[1]), tuple(float(s) for s in cols[4]), *cols[0], *cols[2],
+                            *cols[3], *cols[5])
+    outs, lo = [], 0
+    for qs in cols[1]:  # slices, not `split`: split's views may not be modified in place
+        outs.append(y[..., lo:lo + qs.shape[0]])
+        lo += qs.shape[0]
+    return tuple(outs)
 
 
 def nf4_lora_linears_reference(x, projections):

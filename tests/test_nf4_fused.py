@@ -184,6 +184,20 @@ def test_shared_input_linears_match_reference(path, dtype, lead):
         assert rel_err(got, want) <= tol
 
 
+def test_shared_input_outputs_take_in_place_ops():
+    g = torch.Generator().manual_seed(6)
+    ps = [_projection(g, 40, 64, 2, 1.0, torch.float32) + [None], _projection(g, 24, 64, 2, 1.0, torch.float32) + [None]]
+    x = torch.randn(3, 64, generator=g, requires_grad=True)
+    grads = []
+    for fn in (nf4_lora_linears, nf4_lora_linears_reference):
+        x.grad = None
+        q, k = fn(x, ps)
+        q.mul_(2.0)  # as a model may do to its queries
+        (q.sum() + (k * k).sum()).backward()
+        grads.append(x.grad.clone())
+    assert rel_err(grads[0], grads[1]) <= 1e-5
+
+
 def test_shared_input_bad_input():
     g = torch.Generator().manual_seed(0)
     q = _projection(g, 40, 64, 2, 1.0, torch.float32) + [None]
