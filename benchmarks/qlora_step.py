@@ -12,7 +12,8 @@ Llama-3-8B shapes (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128,256)
 is full size, the per-layer part scales with the layer count, so read the per-layer numbers as such). Gradient
 checkpointing on, batch 1 x `--seq-len` 2048, AdamW on the LoRA weights. All paths run in one process, one after
 the other, each with its own warm-up; `--rounds N` repeats the set N times, rotating the order, and reports the
-median. `--profile` adds, per path, one profiled step's GPU time by kernel family (GEMM, NF4 decode, attention,
+median, next to the memory planner's prediction for each path (and its error against the measured peak).
+`--profile` adds, per path, one profiled step's GPU time by kernel family (GEMM, NF4 decode, attention,
 elementwise, ...): where the step's time goes.
 
   python benchmarks/qlora_step.py                     # on a GPU
@@ -32,7 +33,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sft_step import bench_path, load_plain, save_random_model  # noqa: E402
+from sft_step import LORA_R, bench_path, load_plain, save_random_model  # noqa: E402
 
 from nbhelpers.env import pick_device, pick_dtype  # noqa: E402
 
@@ -113,6 +114,18 @@ def bench(name, path, batch, args, dtype, device):
             "steady_mb": r["steady_mb"], "profile": r.get("after")}
 
 
+def planned_mb(config, name, args, dtype) -> float:
+    """The memory planner's prediction for a path: allocated MB (its total less the CUDA-context and allocator-slack
+    reserve, which the allocator's statistics do not count)."""
+    from nbhelpers.memory import estimate
+
+    fused = SPEED_UP[name] is not None
+    est = estimate(config, seq_len=args.seq_len, batch=args.batch, lora_r=LORA_R, quantization="nf4", dtype=dtype,
+                   gradient_checkpointing=True, attn_implementation="sdpa", fused_ce=fused,
+                   fused_layers=fused and not SPEED_UP[name])  # "nbhelpers": every fused op on
+    return (est["total"] - est["reserve"]) / 2**20
+
+
 def median(values):
     v = sorted(values)
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
@@ -150,7 +163,7 @@ def main(argv=None):
         rows.append({"path": name, "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
                      "tokens_per_s_all": [r["tokens_per_s"] for r in rs], "loss": rs[0]["loss"],
                      "peak_mb": max(peaks) if peaks else None, "steady_mb": rs[0]["steady_mb"],
-                     "profile": rs[0]["profile"]})
+                     "profile": rs[0]["profile"], "planned_mb": planned_mb(config, name, args, dtype)})
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (CPU)"
     print(f"\n## qlora_step: Llama-3-8B shapes, {args.layers} layers, batch {args.batch} x {args.seq_len}, "
           f"{dtype}, {args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s)")
@@ -159,13 +172,16 @@ def main(argv=None):
     print(f"GPU: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"command: {shlex.join([sys.executable] + sys.argv)}\n")
-    print("| path | tokens/s (median) | each round | peak MB (timed steps) | after warm-up MB | loss |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| path | tokens/s (median) | each round | peak MB (timed steps) | planner MB (error) | after warm-up MB "
+          "| loss |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         pk = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         st = "n/a" if r["steady_mb"] is None else f"{r['steady_mb']:.0f}"
+        err = "" if r["peak_mb"] is None else f" ({r['planned_mb'] / r['peak_mb'] - 1:+.1%})"
         each = ", ".join(f"{t:.0f}" for t in r["tokens_per_s_all"])
-        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {each} | {pk} | {st} | {r['loss']:.4f} |")
+        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {each} | {pk} | {r['planned_mb']:.0f}{err} | {st} "
+              f"| {r['loss']:.4f} |")
     base = next((r for r in rows if r["path"] == "plain"), None)
     for r in rows:
         if base is not None and r is not base:
