@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 
@@ -36,7 +37,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sft_step import LORA_R, bench_path, load_plain, save_random_model  # noqa: E402
 
 from nbhelpers.env import pick_device, pick_dtype  # noqa: E402
-
 
 
 def llama3_8b_config(layers: int, quick: bool):
@@ -119,16 +119,11 @@ def planned_mb(config, name, args, dtype) -> float:
     reserve, which the allocator's statistics do not count)."""
     from nbhelpers.memory import estimate
 
-    fused = SPEED_UP[name] is not None
+    fused = SPEED_UP[name] is not None  # speed_up's fused loss is on in both of our paths
     est = estimate(config, seq_len=args.seq_len, batch=args.batch, lora_r=LORA_R, quantization="nf4", dtype=dtype,
                    gradient_checkpointing=True, attn_implementation="sdpa", fused_ce=fused,
-                   fused_layers=fused and not SPEED_UP[name])  # "nbhelpers": every fused op on
+                   fused_layers=fused and SPEED_UP[name].get("fused_mlp", True))
     return (est["total"] - est["reserve"]) / 2**20
-
-
-def median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def main(argv=None):
@@ -160,7 +155,7 @@ def main(argv=None):
     rows = []
     for name, rs in runs.items():
         peaks = [r["peak_mb"] for r in rs if r["peak_mb"] is not None]
-        rows.append({"path": name, "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+        rows.append({"path": name, "tokens_per_s": statistics.median([r["tokens_per_s"] for r in rs]),
                      "tokens_per_s_all": [r["tokens_per_s"] for r in rs], "loss": rs[0]["loss"],
                      "peak_mb": max(peaks) if peaks else None, "steady_mb": rs[0]["steady_mb"],
                      "profile": rs[0]["profile"], "planned_mb": planned_mb(config, name, args, dtype)})

@@ -49,10 +49,6 @@ def saved_bytes(fn):
     return sum(seen.values())
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes on CPU (Triton interpreter)")
@@ -63,7 +59,9 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if not cuda:  # the interpreter must be on before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from nf4_decode import timed  # do_bench on CUDA, median of wall times elsewhere (imports triton: after the line above)
+    # these import triton: after the line above
+    from cuda_checks import rel  # largest difference relative to the largest reference value
+    from nf4_decode import timed  # do_bench on CUDA, median of wall times elsewhere
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from nbhelpers.kernels import use_triton

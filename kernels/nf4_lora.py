@@ -9,8 +9,9 @@
                dx = dy W + du A               (W dequantized again: nothing of size N x K outlives a call)
 
 What is fused and what is not (honestly): W is dequantized per call into a transient buffer by the Triton NF4
-kernel (`nf4.py`) and multiplied with cuBLAS; a tile-wise dequantize-inside-the-GEMM kernel is not built, and
-neither is a fused gate/up/down MLP or a fused q/k/v path. What this op saves against peft + bitsandbytes is the
+kernel (`nf4.py`) and multiplied with cuBLAS; a tile-wise dequantize-inside-the-GEMM kernel is not built (the
+MLP and q/k/v as one op each, built on `decode_weights` below: `nf4_lora_mlp.py`, `nf4_lora_qkv.py`). What this op
+saves against peft + bitsandbytes is the
 bookkeeping around the two: one autograd node per layer instead of five (base matmul, clone, lora_A, lora_B,
 scale + add), no `result.clone()`, the LoRA product added in place, and only `x`, `u` saved for backward.
 """
@@ -21,12 +22,26 @@ import torch
 from .nf4 import dequantize_nf4, dequantize_nf4_reference
 
 
+def decode_weights(packed, quant_states, dtype: torch.dtype) -> torch.Tensor:
+    """NF4 weights [N_j, K] (one K) decoded into one transient [sum N_j, K] buffer in `dtype`, stacked in order.
+    Each is decoded in its stored dtype (as bitsandbytes does) and cast only when `dtype` differs."""
+    w = torch.empty(sum(qs.shape[0] for qs in quant_states), quant_states[0].shape[1], dtype=dtype,
+                    device=packed[0].device)
+    off = 0
+    for p, qs in zip(packed, quant_states):
+        rows = w[off:off + qs.shape[0]]
+        if qs.dtype == dtype:
+            dequantize_nf4(p, qs, out=rows)
+        else:
+            rows.copy_(dequantize_nf4(p, qs))
+        off += qs.shape[0]
+    return w
+
+
 class NF4LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, quant_state, lora_a, lora_b, scale, bias):
-        w = dequantize_nf4(packed, quant_state)
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
+        w = decode_weights((packed,), (quant_state,), x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         u = x2 @ lora_a.t()
         y = x2 @ w.t()
@@ -50,9 +65,7 @@ class NF4LoRALinear(torch.autograd.Function):
         db = (dy2.t() @ u2) * s if need[4] else None
         dx = None
         if need[0]:
-            w = dequantize_nf4(packed, ctx.quant_state)
-            if w.dtype != dy.dtype:
-                w = w.to(dy.dtype)
+            w = decode_weights((packed,), (ctx.quant_state,), dy.dtype)
             dx = (dy2 @ w).addmm_(du, lora_a).reshape(x.shape)
             del w
         dbias = dy2.sum(0) if ctx.has_bias and need[6] else None

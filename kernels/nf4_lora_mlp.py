@@ -20,22 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .nf4 import dequantize_nf4, dequantize_nf4_reference
+from .nf4 import dequantize_nf4_reference
+from .nf4_lora import decode_weights
 from .swiglu import swiglu_backward, swiglu_forward
-
-
-def _decode_into(out: torch.Tensor, packed: torch.Tensor, quant_state) -> torch.Tensor:
-    if quant_state.dtype == out.dtype:
-        return dequantize_nf4(packed, quant_state, out=out)
-    return out.copy_(dequantize_nf4(packed, quant_state))  # as `nf4_lora_linear` rounds: to the stored dtype first
-
-
-def _decode_gate_up(pg, qg, pu, qu, dtype):
-    i = qg.shape[0]
-    w = torch.empty(i + qu.shape[0], qg.shape[1], dtype=dtype, device=pg.device)
-    _decode_into(w[:i], pg, qg)
-    _decode_into(w[i:], pu, qu)
-    return w
 
 
 class NF4LoRAMLP(torch.autograd.Function):
@@ -43,15 +30,14 @@ class NF4LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, pg, qg, ag, bg, sg, pu, qu, au, bu, su, pd, qd, ad, bd, sd):
         x2 = x.reshape(-1, x.shape[-1])
         i, rg = qg.shape[0], ag.shape[0]
-        w = _decode_gate_up(pg, qg, pu, qu, x.dtype)
+        w = decode_weights((pg, pu), (qg, qu), x.dtype)  # [Wg ; Wu]
         v = x2 @ torch.cat((ag, au)).t()  # [T, rg + ru]
         gu = x2 @ w.t()  # [T, 2I]
         del w
         gu[:, :i].addmm_(v[:, :rg], bg.t(), alpha=sg)
         gu[:, i:].addmm_(v[:, rg:], bu.t(), alpha=su)
         h = swiglu_forward(gu[:, :i], gu[:, i:])
-        wd = torch.empty(tuple(qd.shape), dtype=x.dtype, device=x.device)
-        _decode_into(wd, pd, qd)
+        wd = decode_weights((pd,), (qd,), x.dtype)
         vd = h @ ad.t()
         y = h @ wd.t()
         del wd, h
@@ -67,8 +53,7 @@ class NF4LoRAMLP(torch.autograd.Function):
         need = ctx.needs_input_grad
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         i, rg = qg.shape[0], ag.shape[0]
-        wd = torch.empty(tuple(qd.shape), dtype=dy.dtype, device=dy.device)
-        _decode_into(wd, pd, qd)
+        wd = decode_weights((pd,), (qd,), dy.dtype)
         zd = (dy2 @ bd) * sd
         dh = dy2 @ wd
         del wd
@@ -87,7 +72,7 @@ class NF4LoRAMLP(torch.autograd.Function):
         dbu = (du.t() @ v[:, rg:]) * su if need[9] else None
         dx = None
         if need[0]:
-            w = _decode_gate_up(pg, qg, pu, qu, dy.dtype)
+            w = decode_weights((pg, pu), (qg, qu), dy.dtype)
             dx = dgu @ w
             del w
             dx = dx.addmm_(z, torch.cat((ag, au))).reshape(x.shape)

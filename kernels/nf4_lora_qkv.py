@@ -19,17 +19,7 @@ from __future__ import annotations
 import torch
 
 from .nf4 import dequantize_nf4_reference
-from .nf4_lora_mlp import _decode_into
-
-
-def _decode_all(packed, quant_states, dtype, device):
-    n = sum(qs.shape[0] for qs in quant_states)
-    w = torch.empty(n, quant_states[0].shape[1], dtype=dtype, device=device)
-    off = 0
-    for p, qs in zip(packed, quant_states):
-        _decode_into(w[off:off + qs.shape[0]], p, qs)
-        off += qs.shape[0]
-    return w
+from .nf4_lora import decode_weights
 
 
 class NF4LoRAShared(torch.autograd.Function):
@@ -39,7 +29,7 @@ class NF4LoRAShared(torch.autograd.Function):
         packed, a, b, bias = (tensors[i * m:(i + 1) * m] for i in range(4))
         x2 = x.reshape(-1, x.shape[-1])
         ns, rs = [qs.shape[0] for qs in quant_states], [t.shape[0] for t in a]
-        w = _decode_all(packed, quant_states, x.dtype, x.device)
+        w = decode_weights(packed, quant_states, x.dtype)
         v = x2 @ torch.cat(a).t()  # [T, sum r]
         out = torch.empty(*x.shape[:-1], sum(ns), dtype=x.dtype, device=x.device)  # returned as is: not a view
         y = out.view(-1, out.shape[-1])  # [T, sum N]
@@ -79,7 +69,7 @@ class NF4LoRAShared(torch.autograd.Function):
             roff += r
         dx = None
         if ctx.needs_input_grad[0]:
-            w = _decode_all(packed, ctx.quant_states, dy.dtype, x.device)
+            w = decode_weights(packed, ctx.quant_states, dy.dtype)
             dx = dy2 @ w
             del w
             dx = dx.addmm_(z, torch.cat(a)).reshape(x.shape)

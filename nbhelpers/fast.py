@@ -247,6 +247,20 @@ def _nf4_lora_ready(layer) -> bool:
             and not getattr(layer, "use_dora", {}).get(name, False))
 
 
+def _nf4_lora_projection(layer, name: str, dtype):
+    """`(packed, quant_state, lora_a, lora_b, scale)` of a ready peft NF4 LoRA layer, the factors in `dtype`."""
+    return (layer.base_layer.weight.data, layer.base_layer.weight.quant_state, layer.lora_A[name].weight.to(dtype),
+            layer.lora_B[name].weight.to(dtype), layer.scaling[name])
+
+
+def _ready_group(layers):
+    """The one active adapter name that every layer is ready to run through our ops with, else None."""
+    names = {tuple(a for a in p.active_adapters if a in p.lora_A) for p in layers}
+    if len(names) != 1 or not all(_nf4_lora_ready(p) for p in layers):
+        return None
+    return names.pop()[0]
+
+
 def _one_token_decode(x) -> bool:
     """A no-grad call on one token: bitsandbytes' own GEMV reads the 4-bit weight without decoding it, which beats
     decoding the whole weight for one row, so our ops leave such calls to peft + bitsandbytes."""
@@ -274,15 +288,13 @@ def use_nf4_lora(model) -> int:
             served = self.__dict__.get("_nbhelpers_served")  # set by `use_nf4_lora_qkv` for one attention call
             if served is not None and served[0] is x and not args and not kwargs:
                 return served[1]
-            if args or kwargs or _one_token_decode(x) or not _nf4_lora_ready(self):
+            name = None if args or kwargs or _one_token_decode(x) else _ready_group((self,))
+            if name is None:
                 return _original(x, *args, **kwargs)
-            name = [a for a in self.active_adapters if a in self.lora_A][0]
             base = self.base_layer
             dtype = base.compute_dtype or x.dtype
             bias = base.bias.to(dtype) if base.bias is not None else None
-            y = nf4_lora_linear(x.to(dtype), base.weight.data, base.weight.quant_state,
-                                self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
-                                self.scaling[name], bias)
+            y = nf4_lora_linear(x.to(dtype), *_nf4_lora_projection(self, name, dtype), bias)
             return y.to(x.dtype)
 
         _route(layer, "_nbhelpers_nf4_lora", forward)
@@ -295,20 +307,6 @@ def _silu(act) -> bool:
     from transformers import activations
 
     return isinstance(act, (torch.nn.SiLU,) + tuple(c for c in (getattr(activations, "SiLUActivation", None),) if c))
-
-
-def _nf4_lora_projection(layer, name: str, dtype):
-    """`(packed, quant_state, lora_a, lora_b, scale)` of a ready peft NF4 LoRA layer, the factors in `dtype`."""
-    return (layer.base_layer.weight.data, layer.base_layer.weight.quant_state, layer.lora_A[name].weight.to(dtype),
-            layer.lora_B[name].weight.to(dtype), layer.scaling[name])
-
-
-def _ready_group(layers):
-    """The one active adapter name that every layer is ready to run through our ops with, else None."""
-    names = {tuple(a for a in p.active_adapters if a in p.lora_A) for p in layers}
-    if len(names) != 1 or not all(_nf4_lora_ready(p) for p in layers):
-        return None
-    return names.pop()[0]
 
 
 def use_nf4_lora_mlp(model) -> int:

@@ -131,12 +131,13 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     m = _dims(config)
     t, b, H = batch * seq_len, act_bytes, m["H"]
     eager = attn_implementation == "eager"
-    per_token = 4 * H + b * (3 * m["q"] + 7 * lora_r)
+    fused = fused_layers and not m["moe"]
+    per_token = (8 if fused else 4 * H) + b * (3 * m["q"] + 7 * lora_r)  # the norms' fp32 1/rms, or fp32 copy
     per_token += b * (2 * m["q"] if eager else 2 * m["kv"])
     if m["moe"]:
         per_token += b * (3 * H + m["k"] * (H + 6 * m["I"] + 4 * lora_r) + m["E"])
-    elif fused_layers:
-        per_token += b * (4 * H + 2 * m["I"]) + 8 - 4 * H
+    elif fused:
+        per_token += b * (4 * H + 2 * m["I"])
     else:
         per_token += b * (5 * H + 4 * m["I"])
     total = t * per_token
@@ -367,7 +368,6 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
     else:
         print("fits as configured")
     return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "estimate": est, "changes": changes}
-
 
 
 class LiveBytes(TorchDispatchMode):

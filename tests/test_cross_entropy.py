@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import nbhelpers.kernels.cross_entropy as ce_module
 from nbhelpers.kernels import interpreting
 from nbhelpers.memory import LiveBytes
+from numerics import rel_err
 
 N, H, V = 37, 24, 101  # odd on purpose; chunk_bytes below forces chunks of 8 rows (the last one partial)
 CHUNK = 8 * 4 * V
@@ -41,10 +42,6 @@ def make(seed=0, ignore_frac=0.3, bias=True):
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.rand(N, generator=g) < ignore_frac] = -100
     return hidden, weight, b, labels
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
 def run(fn, hidden, weight, bias, labels, reduction, upstream=None, **kw):

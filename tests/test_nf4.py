@@ -9,6 +9,7 @@ import bitsandbytes.functional as BF
 from nbhelpers.kernels import interpreting
 from nbhelpers.kernels.nf4 import NF4_VALUES, dequantize_nf4
 from nbhelpers.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
+from numerics import rel_err
 
 INTERPRETING = interpreting()
 PATH = "triton" if INTERPRETING else "torch"
@@ -65,10 +66,6 @@ def test_dequant_bad_input():
         dequantize_nf4(packed.view(torch.int8), qs)
     with pytest.raises(ValueError, match="bytes"):
         dequantize_nf4(packed[:10], qs)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("path", [PATH])

@@ -12,6 +12,7 @@ from nbhelpers.kernels import interpreting
 from nbhelpers.kernels.nf4_lora_mlp import nf4_lora_mlp, nf4_lora_mlp_reference
 from nbhelpers.kernels.nf4_lora_qkv import nf4_lora_linears, nf4_lora_linears_reference
 from nbhelpers.kernels.swiglu import swiglu, swiglu_backward, swiglu_forward
+from numerics import rel_err
 
 INTERPRETING = interpreting()
 PATH = "triton" if INTERPRETING else "torch"
@@ -21,10 +22,6 @@ DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")
 def test_under_triton_interpreter(rerun_under_interpreter):
     rerun_under_interpreter(__file__, "triton")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
 def ulps(got, want):

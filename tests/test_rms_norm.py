@@ -6,6 +6,7 @@ import torch
 
 import nbhelpers.kernels.rms_norm as rn
 from nbhelpers.kernels import interpreting
+from numerics import rel_err
 
 INTERPRETING = interpreting()
 
@@ -27,10 +28,6 @@ def norm_class(name):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     return {"llama": (LlamaRMSNorm, False), "qwen3": (Qwen3RMSNorm, False), "gpt_oss": (GptOssRMSNorm, True)}[name]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
 
 
 def make_input(shape, dtype, seed):

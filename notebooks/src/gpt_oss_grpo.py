@@ -260,7 +260,7 @@ args = GRPOConfig(
 trainer = GRPOTrainer(model=model, reward_funcs=task_rewards, args=args, train_dataset=train_ds,
                       processing_class=tokenizer)
 print("rollout settings:", rollout.speed_up_trainer(trainer, compile=cfg["compile_rollouts"]))
-nb.speed_up(trainer.model)  # fused linear cross-entropy / log-probs (no batch x length x vocab logits), NF4 LoRA
+nb.speed_up(trainer.model)  # fused cross-entropy / log-probs (no batch x length x vocab logits), RMSNorm on a GPU
 nb.reset_peak_memory(device)
 with nb.Timer() as timer:
     trainer.train()
