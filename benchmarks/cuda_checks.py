@@ -1,6 +1,7 @@
 """Correctness of the issue-4 kernels on a real GPU (the CPU tests cover the interpreter): prints worst errors.
 
   fused CE (Triton row kernel + cuBLAS) vs full fp64 logits, fp32 and bf16/fp16 inputs, reductions, big N x V
+  the LM head streamed from pinned host memory (fused CE and OffloadedLMHead) vs the resident head and fp64
   NF4 decode (Triton) vs bitsandbytes' CUDA dequantize_4bit: bit-exact, fp16/bf16/fp32
   NF4 LoRA linear vs plain autograd on the decoded weight
   SwiGLU (Triton) vs torch's silu(g) * u; the fused NF4 LoRA MLP and q/k/v ops vs plain autograd; RMSNorm (Triton)
@@ -64,6 +65,46 @@ def check_ce(dev):
                              for i in range(0, n, 1024)])
         print(f"one chunk of {n} x {v} = {n * v / 1e9:.2f}e9 logits (int64 offsets): rel err {rel(got, ref):.2e}")
         ok &= rel(got, ref) <= 1e-5
+    return ok
+
+
+def check_streamed_head(dev):
+    """The LM head in pinned host memory, streamed to the GPU in blocks (side stream, double buffer, events) by the
+    fused loss and by `OffloadedLMHead.forward`: the same numbers as the resident head, with the copies overlapping.
+    Small blocks (many stream hand-overs) on purpose."""
+    from nbhelpers.offload import OffloadedLMHead
+
+    ok = True
+    g = torch.Generator(device="cpu").manual_seed(1)
+    n, h, v = 1037, 256, 50257
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        hid = (torch.randn(n, h, generator=g) * 0.5).to(dev, dtype)
+        w = (torch.randn(v, h, generator=g) * 0.05).to(dtype)
+        y = torch.randint(0, v, (n,), generator=g).to(dev)
+        y[::3] = -100
+        host = w.pin_memory()
+        res = []
+        for weight, kw in ((host, dict(chunk_bytes=8 * 2**20)), (w.to(dev), {})):
+            x = hid.clone().requires_grad_(True)
+            loss = fused_linear_cross_entropy(x, weight, y, **kw)
+            loss.backward(torch.tensor(1024.0, device=dev))  # a loss scale, as under fp16 autocast
+            res.append([loss.detach(), x.grad])
+        xr = hid.double().requires_grad_(True)
+        ref = cross_entropy_reference(xr, w.to(dev).double(), y)
+        ref.backward(torch.tensor(1024.0, device=dev, dtype=torch.float64))
+        errs = [rel(a, r) for a, r in zip(res[0], (ref, xr.grad))] + [rel(res[0][1], res[1][1])]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        ok &= max(errs[:2]) <= tol
+        print(f"streamed head {dtype}: rel err loss {errs[0]:.2e} dh {errs[1]:.2e} vs fp64; dh vs resident "
+              f"{errs[2]:.2e} (tol {tol})")
+        head = torch.nn.Linear(h, v, bias=False, device=dev, dtype=dtype).requires_grad_(False)
+        head.weight.copy_(w)
+        off = OffloadedLMHead(head, dev)
+        off.BLOCK_BYTES = 4 * 2**20
+        with torch.no_grad():
+            err = rel(off(hid[:64]), head(hid[:64]))
+        ok &= err <= (1e-6 if dtype == torch.float32 else 1e-2)
+        print(f"OffloadedLMHead forward {dtype}: rel err vs the resident head {err:.2e}")
     return ok
 
 
@@ -185,6 +226,7 @@ if __name__ == "__main__":
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__)
     ok = check_ce(dev)
+    ok &= check_streamed_head(dev)
     try:
         ok &= check_nf4(dev)
         ok &= check_fused(dev)

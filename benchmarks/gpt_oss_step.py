@@ -11,7 +11,8 @@ What it measures, in one process:
                (`nbhelpers.add_lora`), non-reentrant gradient checkpointing; tokens/s and peak allocated/reserved
                memory, or OOM, next to the memory planner's prediction for the same settings. `--t4` is the recipe
                meant for a T4 (cap at 14.74 GiB less the CUDA context, our attention, offloaded checkpointing and
-               embedding table, fused CE, r=8, 8-bit AdamW); its target is a peak of at most 14 GB at 2048 tokens.
+               embedding table, the LM head in host memory streamed by the fused CE, r=8, 8-bit AdamW); its target
+               is a peak of at most 14 GB at 2048 tokens.
 
 The model has gpt-oss-20b's shapes (24 layers, 32 experts top-4, hidden 2880, vocab 201,088) with random weights,
 built on the meta device and materialised directly on the GPU: expert blocks are random bytes with scales near
@@ -235,7 +236,7 @@ def predicted(config, tokens: int, args, dtype) -> dict:
 
     est = estimate(config, seq_len=tokens, batch=1, lora_r=args.lora_r, quantization="mxfp4", dtype=dtype,
                    offload_activations=args.offload, offload_embeddings=args.offload, fused_ce=args.fused_ce,
-                   attn_implementation=args.attn, optimizer=args.optim)
+                   offload_head=args.offload_head, attn_implementation=args.attn, optimizer=args.optim)
     return {"allocated_mb": (est["total"] - est["reserve"]) / MB, "total_mb": est["total"] / MB,
             "peak_phase": est.peak_phase}
 
@@ -284,22 +285,26 @@ def main(argv=None):
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16, 8 with --t4)")
     p.add_argument("--offload", action="store_true", help="offloaded checkpointing + the embedding table on the CPU")
     p.add_argument("--fused-ce", action="store_true", help="loss through the fused linear cross-entropy")
+    p.add_argument("--offload-head", action="store_true",
+                   help="the LM head's weight in pinned host memory, streamed by the fused CE (needs --fused-ce)")
     p.add_argument("--fused-norm", action="store_true", help="RMSNorms through our Triton kernel")
     p.add_argument("--optim", default=None, choices=["adamw_torch", "adamw_8bit"],
                    help="optimizer (default adamw_torch, adamw_8bit with --t4)")
     p.add_argument("--t4", action="store_true",
-                   help="the T4 recipe: --memory-fraction t4 --attn nbhelpers --offload --fused-ce --fused-norm "
-                        "--lora-r 8 --optim adamw_8bit, 2048 tokens (each can still be set explicitly)")
+                   help="the T4 recipe: --memory-fraction t4 --attn nbhelpers --offload --fused-ce --offload-head "
+                        "--fused-norm --lora-r 8 --optim adamw_8bit, 2048 tokens (each can still be set explicitly)")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "experts", "step"])
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.t4:
         args.memory_fraction = args.memory_fraction or "t4"
-        args.offload = args.fused_ce = args.fused_norm = True
+        args.offload = args.fused_ce = args.offload_head = args.fused_norm = True
         args.tokens = args.tokens or [2048]
     args.attn = args.attn or ("nbhelpers" if args.t4 else "eager")
     args.lora_r = args.lora_r or (8 if args.t4 else 16)
     args.optim = args.optim or ("adamw_8bit" if args.t4 else "adamw_torch")
+    if args.offload_head and not args.fused_ce:
+        p.error("--offload-head needs --fused-ce (the fused loss streams the head once per step)")
 
     import nbhelpers  # noqa: F401  (registers our kernels with transformers)  # pyflakes: ignore
     from nbhelpers.env import pick_device, pick_dtype
@@ -349,6 +354,10 @@ def main(argv=None):
             from nbhelpers.fast import use_fused_loss
 
             use_fused_loss(model)
+        if args.offload_head:
+            from nbhelpers.offload import offload_lm_head
+
+            offload_lm_head(model, device)
         if args.fused_norm:
             from nbhelpers.fast import use_fused_rms_norm
 
@@ -356,7 +365,8 @@ def main(argv=None):
         model.train()
         weights_mb = torch.cuda.memory_allocated(device) / MB if device.type == "cuda" else None
         report["model"] = {"allocated_mb_after_load": weights_mb, "lora_r": args.lora_r, "attn": args.attn,
-                           "offload": args.offload, "fused_ce": args.fused_ce, "fused_norm": args.fused_norm,
+                           "offload": args.offload, "fused_ce": args.fused_ce, "offload_head": args.offload_head,
+                           "fused_norm": args.fused_norm,
                            "optim": args.optim,
                            "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
         print("model:", json.dumps(report["model"]), flush=True)

@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_session.sh 1     # correctness on the GPU, NF4 decode, RMSNorm, QLoRA step (3 paths + profile)
 #   bash benchmarks/gpu_session.sh 2     # gpt-oss-20b shapes: the T4 recipe under a T4's cap, then 4k / 16k tokens
-#   bash benchmarks/gpu_session.sh 3     # fused CE (trainable head), QAT overheads, rollouts
+#   bash benchmarks/gpu_session.sh 3     # fused CE (trainable head, streamed head), QLoRA with every offload, QAT
+#   bash benchmarks/gpu_session.sh 4     # rollouts
 #
 # bitsandbytes is not in every image: a wheel under .whl/ is installed into /tmp/site first when present.
 set -u
@@ -34,7 +35,8 @@ case "${1:-1}" in
     step cuda_checks 120 python benchmarks/cuda_checks.py
     step nf4_decode 60 python benchmarks/nf4_decode.py --json "$OUT/nf4_decode.json"
     step rms_norm 90 python benchmarks/rms_norm.py --json "$OUT/rms_norm.json"
-    step qlora_step_2 260 python benchmarks/qlora_step.py --layers 2 --rounds 3 --profile --json "$OUT/qlora_2.json"
+    step qlora_step_2 260 python benchmarks/qlora_step.py --layers 2 --rounds 3 --profile \
+        --paths plain nbhelpers-linear nbhelpers --json "$OUT/qlora_2.json"
     ;;
 2)
     step gpt_oss_t4 300 python benchmarks/gpt_oss_step.py --t4 --skip check experts --json "$OUT/gpt_oss_t4.json"
@@ -43,11 +45,16 @@ case "${1:-1}" in
     ;;
 3)
     step fused_ce 120 python benchmarks/fused_ce.py --tokens 8192 --trainable-head --reps 3
-    step qat 200 python benchmarks/qat.py
+    step fused_ce_streamed 100 python benchmarks/fused_ce.py --tokens 2048 8192 --stream-head --reps 3
+    step qlora_offload 150 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
+        --json "$OUT/qlora_offload.json"
+    step qat 190 python benchmarks/qat.py
+    ;;
+4)
     step rollout 250 python benchmarks/rollout.py --attn nbhelpers
     ;;
 *)
-    echo "expected part 1, 2 or 3, found '$1'" >&2
+    echo "expected part 1, 2, 3 or 4, found '$1'" >&2
     exit 2
     ;;
 esac

@@ -21,10 +21,26 @@ more logits matmul (4 in all instead of 3). Both passes take their chunks from a
 the gradients' bytes (and never more than `chunk_bytes`), so the memory beyond dh + dW stays a small fraction.
 When the gradient's dtype is fp32, dz overwrites the logits in place.
 
+Streamed head (the weight in host memory, `hidden` on a GPU, or `stream=True`): the weight is frozen and is copied
+to the GPU one block of Vc rows at a time (double-buffered on a side stream, so copies overlap the matmuls), and
+each block is used once. One pass over the vocabulary gives loss and dh, in the manner of flash attention: with
+e_v = exp(z_v - m) for the running row max m (rescaled by exp(m_old - m_new) when m grows),
+
+    s_o = sum_{v != y} e_v,   e_y,   acc = sum_{v != y} e_v W_v   (fp32; e_v rounded to W's dtype for the matmul)
+    s = s_o + e_y,  lse = m + log s,  dh = g (acc / s - (s_o / s) W_y)
+
+since p_y - 1 = -s_o / s: the label's term is kept apart so that a confident prediction (p_y near 1) loses no
+precision to the rounding of e. W_y (one row per token) is gathered from host memory at the end. Memory beyond dh:
+acc (fp32 [N, H]), W_y, two weight blocks and one block of logits.
+
 With reduction "mean" or "sum" the gradient reaching every row is known up to one scalar, so the gradients are
 computed during the forward (as Liger-Kernel does) and only scaled, in place, in backward. With reduction "none"
 the per-row gradients are only known in backward, which recomputes the logits chunk by chunk. The all-ignored batch
 with "mean" gives nan and zero gradients, as `F.cross_entropy` does.
+
+fp16 (a T4's dtype, whose exponent range is narrow): the logit gradient is written without the row's scale (g is
+1/N under "mean", so g p_v would be subnormal for most v), the scale multiplies the fp32 result of the dh matmul,
+and dh stays fp32 until backward has applied the upstream gradient (the loss scale) and casts it once.
 
 Offsets inside the kernel are int64: 16k tokens x 201,088 vocab = 3.3e9 elements overflow int32.
 `token_logprobs` (log p(token) for given tokens, GRPO's policy/reference log-probs) is `-loss` with
@@ -189,6 +205,24 @@ def _logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return z
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and an fp32 result (a [M, K] and b [K, N] of one dtype)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dh of fp16 hidden states is kept in fp32 until backward applies the upstream gradient (under fp16 autocast,
+    the loss scale): scaled by 1/N alone its entries would fall among fp16's subnormals."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _round(k: int) -> int:
     """Chunk sizes of 128 and more are rounded down to a multiple of 64 (matmul tiles)."""
     return k if k < 128 else k - k % 64
@@ -224,25 +258,30 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
     outs = [torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3)]
     top1 = torch.empty(n, device=hidden.device, dtype=torch.bool)
     grads = scale is not None
-    dh = torch.empty_like(hidden) if grads and need_dh else None
+    dh = torch.empty(hidden.shape, device=hidden.device, dtype=_grad_dtype(hidden.dtype)) if grads and need_dh \
+        else None
     db = torch.zeros(v, device=hidden.device, dtype=torch.float32) if grads and need_db else None
     mm_dtype = weight.dtype
+    late = grads and mm_dtype == torch.float16  # fp16: the row scale is applied after the matmul, in fp32
     # token pass: loss, lse (+ stats); dh and db when there is a gradient
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
         z = _logits_fp32(hidden[sl], weight, bias)
-        loss, lse, ent, t1, dz = fn(z, labels[sl], scale[sl] if grads else None, ignore_index, mm_dtype, stats)
+        row_scale = (torch.ones_like(scale[sl]) if late else scale[sl]) if grads else None
+        loss, lse, ent, t1, dz = fn(z, labels[sl], row_scale, ignore_index, mm_dtype, stats)
         del z
         outs[0][sl], outs[1][sl] = loss, lse
         if stats:
             outs[2][sl], top1[sl] = ent, t1
         if dh is not None:
-            if hidden.dtype == mm_dtype:
+            if late:
+                dh[sl] = _mm_fp32(dz, weight).mul_(scale[sl, None])
+            elif dh.dtype == mm_dtype:
                 torch.mm(dz, weight, out=dh[sl])
             else:
-                dh[sl] = (dz @ weight).to(hidden.dtype)
+                dh[sl] = (dz @ weight).to(dh.dtype)
         if db is not None:
-            db += dz.sum(0, dtype=torch.float32)
+            db += scale[sl] @ dz.float() if late else dz.sum(0, dtype=torch.float32)
         del dz
     dw = None
     if grads and need_dw and n == 0:
@@ -262,6 +301,135 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
     return outs[0], outs[1], outs[2], top1, dh, dw, db
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the streamed head
+
+def stream_rows(weight: torch.Tensor, device: torch.device, rows: int):
+    """Yield (start, weight[start:start + rows] on `device`) for consecutive blocks of rows.
+
+    On a GPU the copies run on a side stream into two alternating buffers: block k+1 is copied while block k is
+    in use, the compute stream waits for a block's copy before using it, and a buffer is refilled only after the
+    compute stream is done with what it held (events both ways). Async only from pinned memory; from pageable
+    memory the copies are synchronous (still correct). A yielded block is valid until the next one is asked for.
+    """
+    device = torch.device(device)
+    v = weight.shape[0]
+    if device.type != "cuda" or weight.device == device:
+        for start in range(0, v, rows):
+            yield start, weight[start:start + rows].to(device)
+        return
+    compute = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    buffers = [torch.empty((min(rows, v), *weight.shape[1:]), dtype=weight.dtype, device=device) for _ in range(2)]
+    freed = [None, None]  # event: the compute stream has finished with what buffer i held
+
+    def issue(k):
+        start, buf = k * rows, buffers[k % 2]
+        n = min(rows, v - start)
+        with torch.cuda.stream(side):
+            if freed[k % 2] is not None:
+                side.wait_event(freed[k % 2])
+            buf[:n].copy_(weight[start:start + n], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return start, buf[:n], ready
+
+    blocks = -(-v // rows)
+    pending = issue(0)
+    try:
+        for k in range(blocks):
+            start, block, ready = pending
+            if k + 1 < blocks:
+                pending = issue(k + 1)
+            compute.wait_event(ready)
+            yield start, block
+            done = torch.cuda.Event()
+            done.record(compute)
+            freed[k % 2] = done
+    finally:  # also when the caller stops early: no copy may still be writing a buffer the allocator takes back
+        compute.wait_stream(side)
+
+
+def _stream_cols(n: int, h: int, weight: torch.Tensor, chunk_bytes: int | None, cuda: bool) -> int:
+    """Rows of the weight per streamed block: a block of fp32 logits + e in W's dtype (fp32: e overwrites them) for
+    all n tokens, plus two weight buffers, within the budget."""
+    budget = chunk_bytes or (DEFAULT_CHUNK_BYTES if cuda else CPU_CHUNK_BYTES)
+    es = weight.element_size()
+    per_col = n * (4 + (es if es != 4 else 0)) + 2 * h * es
+    return _round(max(1, min(weight.shape[0], budget // per_col)))
+
+
+def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stats=False):
+    """`_process` for a frozen weight streamed from wherever it lives (one pass over the vocabulary, see the module
+    docstring). Returns loss, lse, entropy, is_top1, dh (with `scale`)."""
+    n, h = hidden.shape
+    dev = hidden.device
+    cols = _stream_cols(n, h, weight, chunk_bytes, dev.type == "cuda")
+    f32 = dict(device=dev, dtype=torch.float32)
+    m = torch.full((n,), float("-inf"), **f32)
+    s_o, e_y, z_y, t = (torch.zeros(n, **f32) for _ in range(4))
+    valid = labels != ignore_index
+    y = torch.where(valid, labels, -1)  # -1 is in no block
+    grads = scale is not None
+    acc = torch.zeros(n, h, **f32) if grads else None
+    bias = bias.to(dev) if bias is not None else None
+    mm_dtype = weight.dtype
+    for start, w in stream_rows(weight, dev, cols):
+        z = _logits_fp32(hidden, w, bias[start:start + w.shape[0]] if bias is not None else None)
+        here = (y >= start) & (y < start + w.shape[0])
+        col = torch.where(here, y - start, 0)[:, None]
+        z_y = torch.where(here, z.gather(1, col)[:, 0], z_y)
+        m_new = torch.maximum(m, z.amax(1))
+        alpha = torch.exp(m - m_new)
+        if stats:  # sum of e z over all columns, for the entropy
+            t = t * alpha + (torch.exp(z - m_new[:, None]) * z).sum(1)
+        e = z.sub_(m_new[:, None]).exp_()
+        e_label = e.gather(1, col)[:, 0]
+        e.scatter_(1, col, torch.where(here, 0.0, e_label)[:, None])  # the label's column is kept apart
+        s_o = s_o * alpha + e.sum(1)
+        e_y = e_y * alpha + torch.where(here, e_label, 0.0)
+        if grads:
+            acc.mul_(alpha[:, None]).add_(_mm_fp32(e.to(mm_dtype), w))
+        m = m_new
+        del z, e
+    s = s_o + e_y
+    lse = m + s.log()
+    loss = torch.where(valid, lse - z_y, 0.0)
+    ent = lse - t / s if stats else None
+    top1 = valid & (z_y >= m) if stats else None
+    dh = None
+    if grads:
+        g = torch.where(valid, scale, 0.0)
+        rows = torch.where(valid, labels, 0)
+        w_y = weight[rows.to(weight.device)].to(dev) if n else weight[:0].to(dev)
+        acc.mul_((g / s)[:, None]).addcmul_(w_y, (g * s_o / s)[:, None], value=-1.0)
+        dh = acc.to(_grad_dtype(hidden.dtype))
+    return loss, lse, ent, top1, dh
+
+
+def _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream, need_dw=False, need_db=False,
+         stats=False, need_dh=True):
+    """`_process`, or `_process_streamed` for a streamed head (which has no dW / db: it is frozen)."""
+    if stream:
+        loss, lse, ent, top1, dh = _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes,
+                                                     stats)
+        return loss, lse, ent, top1, dh if need_dh else None, None, None
+    return _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats,
+                    need_dh)
+
+
+def _streams(hidden, weight, bias, stream):
+    """Whether to stream the head: asked for, or the weight lives elsewhere than `hidden` (it must be frozen)."""
+    stream = weight.device != hidden.device if stream is None else stream
+    if stream and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("a streamed LM head (weight on another device than hidden, or stream=True) must be frozen: "
+                         "found a weight or bias that requires grad")
+    if not stream and weight.device != hidden.device:
+        raise ValueError(f"weight on {weight.device} and hidden on {hidden.device}: pass stream=True (or None) to "
+                         "stream the weight")
+    return stream
+
+
 def _check(hidden, weight, labels, bias, reduction):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, H] and weight [V, H], found {tuple(hidden.shape)} and "
@@ -276,22 +444,23 @@ def _check(hidden, weight, labels, bias, reduction):
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream):
         need = ctx.needs_input_grad
         hidden = hidden.contiguous()
         labels = labels.contiguous()
         valid = labels != ignore_index
-        ctx.reduction, ctx.ignore_index, ctx.chunk_bytes = reduction, ignore_index, chunk_bytes
+        ctx.reduction, ctx.ignore_index, ctx.chunk_bytes, ctx.stream = reduction, ignore_index, chunk_bytes, stream
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.hidden_dtype = hidden.dtype
         if reduction == "none" or not any(need[:3]):
-            loss, *_ = _process(hidden, weight, bias, labels, None, ignore_index, chunk_bytes, False, False)
+            loss, *_ = _run(hidden, weight, bias, labels, None, ignore_index, chunk_bytes, stream)
             ctx.save_for_backward(hidden, weight, bias, labels)
             return loss if reduction == "none" else (loss.sum() / valid.sum() if reduction == "mean" else loss.sum())
         n_valid = valid.sum()
         factor = (1.0 / n_valid.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
         scale = factor.expand(hidden.shape[0]).contiguous()
-        loss, _, _, _, dh, dw, db = _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes,
-                                             need[1], need[2] and bias is not None, need_dh=need[0])
+        loss, _, _, _, dh, dw, db = _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream,
+                                         need[1], need[2] and bias is not None, need_dh=need[0])
         ctx.save_for_backward(dh, dw, db)
         total = loss.sum()
         return total / n_valid if reduction == "mean" else total
@@ -306,30 +475,37 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 dw = dw.mul_(g) if dw is not None else None
                 db = db.mul_(g) if db is not None else None
             db = db.to(ctx.bias_dtype) if db is not None else None
-            return dh, dw, db, None, None, None, None
+            dh = dh.to(ctx.hidden_dtype) if dh is not None else None
+            return dh, dw, db, None, None, None, None, None
         hidden, weight, bias, labels = ctx.saved_tensors
         need = ctx.needs_input_grad
-        _, _, _, _, dh, dw, db = _process(hidden, weight, bias, labels, grad.float().contiguous(), ctx.ignore_index,
-                                          ctx.chunk_bytes, need[1], need[2], need_dh=need[0])
-        return dh, dw, db, None, None, None, None
+        _, _, _, _, dh, dw, db = _run(hidden, weight, bias, labels, grad.float().contiguous(), ctx.ignore_index,
+                                      ctx.chunk_bytes, ctx.stream, need[1], need[2], need_dh=need[0])
+        dh = dh.to(ctx.hidden_dtype) if dh is not None else None
+        return dh, dw, db, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
-                               reduction: str = "mean", chunk_bytes: int | None = None) -> torch.Tensor:
+                               reduction: str = "mean", chunk_bytes: int | None = None,
+                               stream: bool | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T + bias, labels)` without the N x V logits (see the module docstring).
 
     hidden [N, H], weight [V, H], labels [N] (int), bias [V] or None. Differentiable in hidden, weight and bias
     (a frozen head costs nothing extra). `chunk_bytes` bounds the fp32 logits of one chunk (default 256 MiB on a
     GPU, 32 MiB on CPU, and with a trainable head at most TRANSIENT_FRACTION of the gradients' bytes for the logits
     and their gradient together). The loss is fp32.
+    stream: None streams a frozen head that lives on another device than `hidden` (host memory, see
+    `nbhelpers.offload_lm_head`) block by block; True streams it wherever it is (the same arithmetic, e.g. on CPU).
     """
     _check(hidden, weight, labels, bias, reduction)
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes)
+    stream = _streams(hidden, weight, bias, stream)
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
-                   temperature: float = 1.0, ignore_index: int = -100, chunk_bytes: int | None = None) -> torch.Tensor:
+                   temperature: float = 1.0, ignore_index: int = -100, chunk_bytes: int | None = None,
+                   stream: bool | None = None) -> torch.Tensor:
     """log softmax(hidden @ weight.T / temperature)[i, tokens[i]] for each row, [N] fp32, without full logits.
 
     Rows whose token is `ignore_index` get 0. Differentiable in hidden (and weight/bias). For GRPO's policy and
@@ -339,15 +515,16 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Ten
         hidden = hidden / temperature
         bias = bias / temperature if bias is not None else None
     return -fused_linear_cross_entropy(hidden, weight, tokens, bias, ignore_index=ignore_index, reduction="none",
-                                       chunk_bytes=chunk_bytes)
+                                       chunk_bytes=chunk_bytes, stream=stream)
 
 
 @torch.no_grad()
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
-                ignore_index: int = -100, chunk_bytes: int | None = None):
+                ignore_index: int = -100, chunk_bytes: int | None = None, stream: bool | None = None):
     """(entropy [N], is_top1 [N] bool) of softmax(hidden @ weight.T + bias), without gradient (for metrics)."""
-    _, _, ent, top1, *_ = _process(hidden.contiguous(), weight, bias, tokens.contiguous(), None, ignore_index,
-                                   chunk_bytes, False, False, stats=True)
+    stream = _streams(hidden, weight.detach(), bias.detach() if bias is not None else None, stream)
+    _, _, ent, top1, *_ = _run(hidden.contiguous(), weight, bias, tokens.contiguous(), None, ignore_index,
+                               chunk_bytes, stream, stats=True)
     return ent, top1
 
 

@@ -8,7 +8,8 @@ from .fast import (speed_up, use_fused_loss, use_fused_rms_norm, use_nf4_lora, u
                    use_nf4_lora_qkv)
 from .loading import add_lora, load_lora, load_model, lora_targets
 from .memory import WontFitError, check_memory, estimate, plan_memory
-from .offload import enable_offloaded_checkpointing, offload_embeddings
+from .offload import (enable_offloaded_checkpointing, lm_head_on_host, offload_embeddings, offload_lm_head,
+                      restore_lm_head)
 from .presets import PRESETS, settings
 from .report import Timer, memory_report, plot_loss, print_memory_time, reset_peak_memory, save_metrics
 from .tiny import build_tiny

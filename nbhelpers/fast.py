@@ -32,8 +32,10 @@ def _causal_lm(model):
 
 
 def _check_head(model):
+    from .offload import OffloadedLMHead
+
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+    if type(head) not in (torch.nn.Linear, OffloadedLMHead):  # an offloaded head's weight is streamed by the loss
         raise TypeError(f"fused loss needs a plain nn.Linear LM head, found {type(head).__name__} "
                         "(an adapter or quantized layer on lm_head is not supported)")
     cfg = model.config.get_text_config()
@@ -58,6 +60,13 @@ def _capture_head(model, store: dict):
         del head.forward
 
 
+def _streamed(head) -> bool | None:
+    """An offloaded head is always streamed (also when its host and the hidden states are both the CPU)."""
+    from .offload import OffloadedLMHead
+
+    return True if isinstance(head, OffloadedLMHead) else None
+
+
 def _shifted(labels, shift_labels, ignore_index):
     if shift_labels is not None:
         return shift_labels
@@ -73,10 +82,12 @@ def _fused_loss_fn(store: dict, head):
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         mask = labels != ignore_index
         h = hidden[mask]  # score only positions with a label
+        stream = _streamed(head)
         if num_items_in_batch is None:
-            loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "mean")
+            loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "mean",
+                                              stream=stream)
             return loss if h.shape[0] else hidden.sum() * float("nan")  # F.cross_entropy's nan, kept differentiable
-        loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "sum")
+        loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "sum", stream=stream)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
@@ -97,8 +108,10 @@ def _trl_output(model, store, out, labels, shift_labels, num_items_in_batch, tem
     bias = head.bias
     if temperature != 1.0:
         h, bias = h / temperature, (bias / temperature if bias is not None else None)
-    lp = token_logprobs(h, head.weight, y, bias)
-    ent, top1 = token_stats(h.detach(), head.weight.detach(), y, bias.detach() if bias is not None else None)
+    stream = _streamed(head)
+    lp = token_logprobs(h, head.weight, y, bias, stream=stream)
+    ent, top1 = token_stats(h.detach(), head.weight.detach(), y, bias.detach() if bias is not None else None,
+                            stream=stream)
     log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
     entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
     is_top1 = top1.new_zeros(mask.shape).masked_scatter(mask, top1)

@@ -160,15 +160,35 @@ def kv_cache_bytes(config, sequences: int, length: int, act_bytes: int) -> int:
     return total
 
 
-def _fused_ce_chunk(tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk when the fused loss keeps a chunk of logits about the size of the hidden states."""
-    chunks = max(1, math.ceil(vocab / hidden))
-    return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / chunks)))))
+def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cuda: bool = True,
+                   streamed: bool = False) -> int:
+    """Peak bytes the fused loss allocates beyond its inputs (frozen head), by the kernel's own chunk rule.
+
+    Resident head: a chunk of `rows` tokens (fp32 logits within the default budget) holds its fp32 logits and their
+    gradient in the head's dtype (fp32: over the logits), beside dh for all tokens (fp32 for fp16, see
+    `fused_linear_cross_entropy`). Streamed head: acc (fp32 [tokens, hidden]) beside one block (fp32 logits and e
+    for all tokens, and on a GPU the two buffers the weight is copied into), then W_y and dh (a copy of acc for
+    bf16).
+    """
+    from .kernels.cross_entropy import CPU_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, _round
+
+    b = _BYTES[dtype]
+    budget = DEFAULT_CHUNK_BYTES if cuda else CPU_CHUNK_BYTES
+    if streamed:  # the kernel's `_stream_cols`
+        per_col = tokens * (4 + (b if b != 4 else 0)) + 2 * hidden * b
+        cols = _round(max(1, min(vocab, budget // per_col)))
+        block = cols * (per_col - (0 if cuda else 2 * hidden * b))  # CPU: the blocks are views, no buffers
+        end = tokens * hidden * (b + (b if dtype == torch.bfloat16 else 0))
+        return tokens * hidden * 4 + max(block, end)
+    rows = _round(max(1, min(tokens, budget // (4 * vocab))))
+    grad_bytes = 4 if dtype == torch.float16 else b
+    return rows * vocab * (4 + (b if b != 4 else 0)) + tokens * hidden * grad_bytes
 
 
 def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization: str | None = "nf4",
              dtype: torch.dtype = torch.float16, gradient_checkpointing: bool = True,
              offload_activations: bool = False, offload_embeddings: bool = False, fused_ce: bool = False,
+             offload_head: bool = False,
              attn_implementation: str | None = None, lora_experts: bool | None = None,
              generation: tuple[int, int] | None = None, optimizer: str = "adamw", fused_layers: bool = False,
              cuda: bool = True) -> Estimate:
@@ -179,7 +199,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     experts), "mxfp4" (gpt-oss experts as uint8 blocks + scales, everything else in `dtype`).
     offload_activations: checkpointed layer inputs live in host memory (needs gradient_checkpointing).
     offload_embeddings: the input embedding table lives on the CPU (not when tied to the LM head).
-    fused_ce: the loss never materialises all logits, only a chunk of them.
+    fused_ce: the loss never materialises all logits, only a chunk of them (`fused_ce_bytes`).
+    offload_head: a frozen, untied LM head in host memory, streamed by the fused loss (needs fused_ce).
     attn_implementation: "eager" stores attention probabilities; anything else is treated as flash-style.
     Default: "eager" for gpt-oss (sinks), "sdpa" otherwise.
     lora_experts: LoRA on every expert of every layer (default: for gpt-oss).
@@ -198,6 +219,9 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     if fused_layers and quantization != "nf4":
         raise ValueError(f"fused_layers needs quantization='nf4' (the fused ops run NF4 LoRA layers), found "
                          f"{quantization!r}")
+    if offload_head and not fused_ce:
+        raise ValueError("offload_head needs fused_ce=True: the fused loss streams the head once per step, the "
+                         "head's own forward would copy all of it for every call")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if dtype not in _BYTES:
@@ -216,7 +240,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     linear_bytes = _QUANT_BYTES["nf4"] if quantization == "nf4" else b
     expert_bytes = _QUANT_BYTES[quantization] if quantization else b
     embed = 0 if offload_embeddings and not c["tied"] else c["embed"] * b
-    weights = embed + (c["head"] + c["other"]) * b + c["linear"] * linear_bytes + c["experts"] * expert_bytes
+    head = 0 if offload_head else c["head"] * b  # c["head"] is 0 when tied (the table holds it)
+    weights = embed + head + c["other"] * b + c["linear"] * linear_bytes + c["experts"] * expert_bytes
 
     # LoRA: fp32 parameters, fp32 gradients, the optimizer's two moments
     stacks = [(1, i, o) for i, o in c["lora_shapes"]] + (c["expert_lora_stacks"] if lora_experts else [])
@@ -242,8 +267,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
         layer_phase += 2 * batch * m["nq"] * seq_len * seq_len * b
     final_norm = t * m["H"] * (4 + b)
     if fused_ce:
-        chunk = _fused_ce_chunk(t, m["H"], m["V"])
-        loss_phase = final_norm + 3 * chunk * m["V"] * 4 + t * m["H"] * 4
+        loss_phase = final_norm + fused_ce_bytes(t, m["H"], m["V"], dtype, cuda,
+                                                 streamed=offload_head and not c["tied"])
     else:
         loss_phase = final_norm + 12 * t * m["V"]
     phases = {"loss": loss_phase, "layer": layer_phase}
@@ -263,7 +288,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     est.settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, quantization=quantization,
                         dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=gradient_checkpointing,
                         offload_activations=offload_activations, offload_embeddings=offload_embeddings,
-                        fused_ce=fused_ce, attn_implementation=attn, lora_experts=lora_experts,
+                        fused_ce=fused_ce, offload_head=offload_head, attn_implementation=attn, lora_experts=lora_experts,
                         generation=generation, optimizer=optimizer, fused_layers=fused_layers)
     return est
 

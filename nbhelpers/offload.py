@@ -17,9 +17,16 @@ stays on the GPU (plain checkpointing).
 Embedding offload. `offload_embeddings(model)` keeps the input embedding table on the CPU: token ids go to the CPU,
 the lookup happens there and only the `[batch, seq, hidden]` result goes to the GPU (gpt-oss: 201,088 x 2880 in
 bf16 = 1.16 GB of GPU memory saved). `model.to(...)` moves the rest of the model but leaves the table on the CPU.
+
+LM head offload. `offload_lm_head(model)` keeps a frozen, untied LM head's weight in pinned host memory (gpt-oss:
+another 1.16 GB). The fused loss (`nbhelpers.fast.use_fused_loss`) streams it to the GPU a block of rows at a time,
+once per step, while the matmuls of the previous block run (see `fused_linear_cross_entropy`). The head's own
+forward (logits for generation) streams it too, which costs a full copy of the head per call: generate with the
+head on the GPU (`restore_lm_head`, or train inside `with lm_head_on_host(model):`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -260,3 +267,114 @@ def offload_embeddings(model, device: torch.device | str | None = None, verbose:
     if verbose:
         print(f"input embedding table on the CPU: {saved / GB:.2f} GB of {device} memory freed")
     return saved
+
+
+class OffloadedLMHead(nn.Linear):
+    """A frozen `nn.Linear` LM head whose weight stays in host memory (pinned when the output goes to a GPU).
+
+    forward: logits computed on `output_device` with the weight streamed there in blocks of rows (a whole copy of
+    the head per call). The fused loss reads `.weight` and streams it itself. `.to(device)` on the model moves the
+    output (and the small bias), never the weight; a dtype change converts the weight where it is.
+    """
+
+    BLOCK_BYTES = 64 * 2**20  # weight bytes per streamed block in forward
+
+    def __init__(self, head: nn.Linear, output_device: torch.device | str, pin_memory: bool = True):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.output_device = torch.device(output_device)
+        self.pin_memory = pin_memory and self.output_device.type == "cuda"
+        self.weight = nn.Parameter(self._host(head.weight.detach()), requires_grad=False)
+        bias = head.bias
+        self.bias = nn.Parameter(bias.detach().to(self.output_device), requires_grad=False) if bias is not None \
+            else None
+
+    def _host(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.to("cpu")
+        if self.pin_memory:
+            try:
+                return w.pin_memory()
+            except RuntimeError as err:  # pinned memory capped or unavailable: pageable, synchronous copies
+                print(f"LM head offload: pinned memory unavailable ({err}); copies will not overlap compute")
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels.cross_entropy import stream_rows
+
+        x = x.to(self.output_device)
+        flat = x.reshape(-1, self.in_features)
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        rows = max(1, self.BLOCK_BYTES // (self.in_features * self.weight.element_size()))
+        for start, w in stream_rows(self.weight, self.output_device, rows):
+            torch.mm(flat, w.t().to(flat.dtype), out=out[:, start:start + w.shape[0]])
+        if self.bias is not None:
+            out += self.bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.output_device))
+        self.output_device = probe.device
+        if probe.dtype != self.weight.dtype:
+            self.weight.data = self._host(self.weight.data.to(probe.dtype))
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weight in host memory, output to {self.output_device}"
+
+
+def offload_lm_head(model, device: torch.device | str | None = None, verbose: bool = True) -> int:
+    """Keep the LM head's weight in host memory (logits and the fused loss go to `device`, default: where the head
+    was). Returns the bytes taken off `device`; 0 (with a message) when the head trains (e.g. LoRA or
+    modules_to_save on it), is tied to the input embedding, or is not a plain `nn.Linear`."""
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    if isinstance(head, OffloadedLMHead):
+        return 0
+    emb = base.get_input_embeddings()
+    reason = None
+    if type(head) is not nn.Linear:
+        reason = f"{type(head).__name__} is not a plain nn.Linear"
+    elif emb is not None and getattr(emb, "weight", None) is not None and \
+            emb.weight.untyped_storage().data_ptr() == head.weight.untyped_storage().data_ptr():
+        reason = "the head is tied to the input embedding table, which needs it where the lookups run"
+    elif head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        reason = "the head trains (its weight requires grad); only a frozen head is streamed"
+    if reason:
+        if verbose:
+            print(f"LM head offload skipped: {reason}")
+        return 0
+    device = torch.device(device) if device is not None else head.weight.device
+    saved = head.weight.numel() * head.weight.element_size() if head.weight.device.type != "cpu" else 0
+    base.set_output_embeddings(OffloadedLMHead(head, device))
+    del head
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if verbose:
+        print(f"LM head weight in host memory: {saved / GB:.2f} GB of {device} memory freed (streamed once per "
+              "step by the fused loss)")
+    return saved
+
+
+def restore_lm_head(model) -> None:
+    """Put an offloaded LM head back on its output device as a plain `nn.Linear` (no-op when not offloaded)."""
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    if not isinstance(head, OffloadedLMHead):
+        return
+    plain = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    plain.weight = nn.Parameter(head.weight.detach().to(head.output_device), requires_grad=False)
+    if head.bias is not None:
+        plain.bias = nn.Parameter(head.bias.detach(), requires_grad=False)
+    base.set_output_embeddings(plain)
+
+
+@contextlib.contextmanager
+def lm_head_on_host(model, device: torch.device | str | None = None, verbose: bool = True):
+    """`with lm_head_on_host(model): trainer.train()`: the head in host memory for the block, back after it."""
+    offload_lm_head(model, device, verbose=verbose)
+    try:
+        yield model
+    finally:
+        restore_lm_head(model)

@@ -216,3 +216,83 @@ def test_tied_embeddings_are_not_offloaded(capsys):
     assert offload.offload_embeddings(model) == 0
     assert "tied to the LM head" in capsys.readouterr().out
     assert not isinstance(model.get_input_embeddings(), offload.OffloadedEmbedding)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LM head offload: the weight in host memory, streamed by the fused loss (and by the head's own forward)
+
+def _lora_model(path):
+    import nbhelpers as nb
+
+    torch.manual_seed(0)
+    model = nb.add_lora(_load(path), r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return nb.use_fused_loss(model)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt_oss"])
+def test_lm_head_offload_same_loss_grads_logits_and_generate(request, arch, monkeypatch, capsys):
+    import nbhelpers.kernels.cross_entropy as ce
+
+    model = _lora_model(request.getfixturevalue(arch))
+    ids, labels = _batch(model, seed=3)
+    expected = _loss_and_grads(model, ids, labels)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    generated = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    head = model.get_output_embeddings().weight.detach().clone()
+
+    streamed = []
+    real = ce._process_streamed
+    monkeypatch.setattr(ce, "_process_streamed", lambda *a, **k: streamed.append(1) or real(*a, **k))
+    monkeypatch.setattr(offload.OffloadedLMHead, "BLOCK_BYTES", 7 * head.shape[1] * 4)  # 7 rows per block
+    with offload.lm_head_on_host(model):
+        off = model.get_output_embeddings()
+        assert isinstance(off, offload.OffloadedLMHead) and off.weight.device.type == "cpu"
+        assert "LM head weight in host memory" in capsys.readouterr().out
+        model.train()
+        _assert_same(_loss_and_grads(model, ids, labels), expected)
+        assert streamed, "the fused loss did not stream the offloaded head"
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
+        assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False), generated)
+    back = model.get_output_embeddings()
+    assert type(back) is torch.nn.Linear and torch.equal(back.weight, head) and not back.weight.requires_grad
+
+
+def test_lm_head_back_after_an_error(tiny_gpt_oss):
+    model = _lora_model(tiny_gpt_oss)
+    with pytest.raises(RuntimeError, match="stop"):
+        with offload.lm_head_on_host(model, verbose=False):
+            raise RuntimeError("stop")
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+
+def test_lm_head_offload_skips_what_it_cannot_stream(tiny_gpt_oss, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    assert offload.offload_lm_head(tied) == 0 and "tied to the input embedding" in capsys.readouterr().out
+    trains = _load(tiny_gpt_oss)  # no LoRA: every parameter, the head's too, requires grad
+    assert offload.offload_lm_head(trains) == 0 and "the head trains" in capsys.readouterr().out
+    for model in (tied, trains):
+        assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+
+def test_lm_head_module_moves_output_not_the_weight():
+    head = torch.nn.Linear(8, 37, bias=True).requires_grad_(False)
+    off = offload.OffloadedLMHead(head, "cpu")
+    model = torch.nn.ModuleDict({"head": off, "proj": torch.nn.Linear(8, 8)})
+    model.to(torch.float64)
+    assert off.weight.dtype == torch.float64 and off.weight.device.type == "cpu" and off.bias.dtype == torch.float64
+    model.to("meta")
+    assert model["proj"].weight.device.type == "meta" and off.weight.device.type == "cpu"
+    assert off.output_device.type == "meta" and off.bias.device.type == "meta"
+    off.output_device, off.bias = torch.device("cpu"), torch.nn.Parameter(head.bias.double(), requires_grad=False)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(off(x), head.double()(x), rtol=1e-12, atol=1e-12)
