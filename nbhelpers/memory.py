@@ -167,8 +167,8 @@ def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cud
     Resident head: a chunk of `rows` tokens (fp32 logits within the default budget) holds its fp32 logits and their
     gradient in the head's dtype (fp32: over the logits), beside dh for all tokens (fp32 for fp16, see
     `fused_linear_cross_entropy`). Streamed head: acc (fp32 [tokens, hidden]) beside one block (fp32 logits and e
-    for all tokens, and on a GPU the two buffers the weight is copied into), then W_y and dh (a copy of acc for
-    bf16).
+    for all tokens, and on a GPU the two buffers the weight is copied into) and the block's fp32 product e W, then
+    W_y and dh (a copy of acc for bf16).
     """
     from .kernels.cross_entropy import CPU_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, _round
 
@@ -179,7 +179,7 @@ def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cud
         cols = _round(max(1, min(vocab, budget // per_col)))
         block = cols * (per_col - (0 if cuda else 2 * hidden * b))  # CPU: the blocks are views, no buffers
         end = tokens * hidden * (b + (b if dtype == torch.bfloat16 else 0))
-        return tokens * hidden * 4 + max(block, end)
+        return tokens * hidden * 4 + max(block + tokens * hidden * 4, end)  # + the block's fp32 e W product
     rows = _round(max(1, min(tokens, budget // (4 * vocab))))
     grad_bytes = 4 if dtype == torch.float16 else b
     return rows * vocab * (4 + (b if b != 4 else 0)) + tokens * hidden * grad_bytes
