@@ -252,20 +252,32 @@ def offload_embeddings(model, device: torch.device | str | None = None, verbose:
         if verbose:
             print(f"embedding offload skipped: {type(emb).__name__} is not a plain nn.Embedding")
         return 0
-    head = base.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None and \
-            head.weight.untyped_storage().data_ptr() == emb.weight.untyped_storage().data_ptr():
+    if _tied(emb, base.get_output_embeddings()):
         if verbose:
             print("embedding offload skipped: the table is tied to the LM head, which needs it on the GPU")
         return 0
     device = torch.device(device) if device is not None else emb.weight.device
-    saved = emb.weight.numel() * emb.weight.element_size() if emb.weight.device.type != "cpu" else 0
-    base.set_input_embeddings(OffloadedEmbedding(emb, device))
-    del emb
+    return _swap_in(base.set_input_embeddings, OffloadedEmbedding, emb, device, verbose,
+                    "input embedding table on the CPU")
+
+
+def _tied(a: nn.Module | None, b: nn.Module | None) -> bool:
+    """Whether two modules' weights share memory (an input embedding tied to the LM head)."""
+    if a is None or b is None or getattr(a, "weight", None) is None or getattr(b, "weight", None) is None:
+        return False
+    return a.weight.untyped_storage().data_ptr() == b.weight.untyped_storage().data_ptr()
+
+
+def _swap_in(setter, make, old: nn.Module, device: torch.device, verbose: bool, what: str) -> int:
+    """setter(make(old, device)); returns (and with `verbose` prints) the bytes of `old.weight` off `device`."""
+    w = old.weight
+    saved = w.numel() * w.element_size() if w.device.type != "cpu" else 0
+    setter(make(old, device))
+    del old, w
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if verbose:
-        print(f"input embedding table on the CPU: {saved / GB:.2f} GB of {device} memory freed")
+        print(f"{what}: {saved / GB:.2f} GB of {device} memory freed")
     return saved
 
 
@@ -332,12 +344,10 @@ def offload_lm_head(model, device: torch.device | str | None = None, verbose: bo
     head = base.get_output_embeddings()
     if isinstance(head, OffloadedLMHead):
         return 0
-    emb = base.get_input_embeddings()
     reason = None
     if type(head) is not nn.Linear:
         reason = f"{type(head).__name__} is not a plain nn.Linear"
-    elif emb is not None and getattr(emb, "weight", None) is not None and \
-            emb.weight.untyped_storage().data_ptr() == head.weight.untyped_storage().data_ptr():
+    elif _tied(base.get_input_embeddings(), head):
         reason = "the head is tied to the input embedding table, which needs it where the lookups run"
     elif head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         reason = "the head trains (its weight requires grad); only a frozen head is streamed"
@@ -346,15 +356,8 @@ def offload_lm_head(model, device: torch.device | str | None = None, verbose: bo
             print(f"LM head offload skipped: {reason}")
         return 0
     device = torch.device(device) if device is not None else head.weight.device
-    saved = head.weight.numel() * head.weight.element_size() if head.weight.device.type != "cpu" else 0
-    base.set_output_embeddings(OffloadedLMHead(head, device))
-    del head
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if verbose:
-        print(f"LM head weight in host memory: {saved / GB:.2f} GB of {device} memory freed (streamed once per "
-              "step by the fused loss)")
-    return saved
+    return _swap_in(base.set_output_embeddings, OffloadedLMHead, head, device, verbose,
+                    "LM head weight in host memory (streamed once per step by the fused loss)")
 
 
 def restore_lm_head(model) -> None:

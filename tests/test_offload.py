@@ -189,15 +189,21 @@ def test_embedding_module_moves_results_not_the_table():
     torch.testing.assert_close(off(ids), emb.weight.double()[ids], rtol=0, atol=0)
 
 
-def test_embedding_offload_trains_lora_identically(tiny_llama):
+def _lora_model(path, fused_loss=True):
+    """A model with LoRA (B not zero, so every LoRA factor gets a gradient), and our fused loss."""
     import nbhelpers as nb
 
+    torch.manual_seed(0)
+    model = nb.add_lora(_load(path), r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return nb.use_fused_loss(model) if fused_loss else model
+
+
+def test_embedding_offload_trains_lora_identically(tiny_llama):
     def run(offload_table):
-        torch.manual_seed(0)
-        model = nb.add_lora(_load(tiny_llama), r=4, alpha=8)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.1)
+        model = _lora_model(tiny_llama, fused_loss=False)
         if offload_table:
             offload.offload_embeddings(model, verbose=False)
             offload.enable_offloaded_checkpointing(model, offload=True, verbose=False)
@@ -220,17 +226,6 @@ def test_tied_embeddings_are_not_offloaded(capsys):
 
 # ----------------------------------------------------------------------------------------------------------------
 # LM head offload: the weight in host memory, streamed by the fused loss (and by the head's own forward)
-
-def _lora_model(path):
-    import nbhelpers as nb
-
-    torch.manual_seed(0)
-    model = nb.add_lora(_load(path), r=4, alpha=8)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.1)
-    return nb.use_fused_loss(model)
-
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt_oss"])
 def test_lm_head_offload_same_loss_grads_logits_and_generate(request, arch, monkeypatch, capsys):
