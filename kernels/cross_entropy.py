@@ -214,7 +214,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError):
             return (a @ b).float()
-    return a.float() @ b.float()
+    # CPU, low precision: fp32 copies a slab of the inner dimension at a time (b may be a whole [V, H] head)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
+    for s in range(0, a.shape[1], CPU_SLAB_ROWS):
+        out.addmm_(a[:, s:s + CPU_SLAB_ROWS].float(), b[s:s + CPU_SLAB_ROWS].float())
+    return out
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
