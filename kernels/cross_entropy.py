@@ -62,7 +62,7 @@ except ImportError:  # CPU-only installs take the torch path
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk on a GPU
 CPU_CHUNK_BYTES = 32 * 2**20
 TRANSIENT_FRACTION = 0.15  # trainable head: chunk buffers (fp32 logits + dz) <= this x the bytes of dh + dW
-CPU_SLAB_ROWS = 4096  # CPU, low-precision weight: rows of W cast to fp32 at a time for the logits
+CPU_SLAB_ROWS = 4096  # CPU, low-precision weight: rows (or columns) of W cast to fp32 at a time
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,42 +183,36 @@ def _grad_cols(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Ten
 # ----------------------------------------------------------------------------------------------------------------
 # the chunk drivers
 
-def _logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of a chunk: fp32 accumulation, one rounding (to fp32) at the end."""
-    if h.dtype == torch.float32 and weight.dtype == torch.float32:
-        z = h @ weight.t()
-    elif h.is_cuda:
-        try:
-            z = torch.mm(h, weight.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch: low-precision output, upcast
-            z = (h @ weight.t()).float()
-    else:  # CPU, low precision (no fp32-output matmul there): fp32 copies, the weight a slab of rows at a time
-        hf = h.float()
-        if weight.shape[0] <= CPU_SLAB_ROWS:
-            z = hf @ weight.float().t()
-        else:
-            z = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32)
-            for s in range(0, weight.shape[0], CPU_SLAB_ROWS):
-                torch.mm(hf, weight[s:s + CPU_SLAB_ROWS].float().t(), out=z[:, s:s + CPU_SLAB_ROWS])
-    if bias is not None:
-        z += bias.float()
-    return z
-
-
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation and an fp32 result (a [M, K] and b [K, N] of one dtype)."""
-    if a.dtype == torch.float32:
+    """a @ b with fp32 accumulation and an fp32 result (a [M, K], b [K, N])."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
+        except (TypeError, RuntimeError):  # older torch: low-precision output, upcast
             return (a @ b).float()
-    # CPU, low precision: fp32 copies a slab of the inner dimension at a time (b may be a whole [V, H] head)
-    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
-    for s in range(0, a.shape[1], CPU_SLAB_ROWS):
-        out.addmm_(a[:, s:s + CPU_SLAB_ROWS].float(), b[s:s + CPU_SLAB_ROWS].float())
+    # CPU, low precision (no fp32-output matmul there): fp32 copies of b a slab at a time along its longer side, b
+    # may be a whole head ([H, V] for the logits, [V, H] for dh)
+    k, n = b.shape
+    if k > n:
+        out = torch.zeros(a.shape[0], n, dtype=torch.float32)
+        for s in range(0, k, CPU_SLAB_ROWS):
+            out.addmm_(a[:, s:s + CPU_SLAB_ROWS].float(), b[s:s + CPU_SLAB_ROWS].float())
+        return out
+    af = a.float()
+    out = torch.empty(a.shape[0], n, dtype=torch.float32)
+    for s in range(0, n, CPU_SLAB_ROWS):
+        torch.mm(af, b[:, s:s + CPU_SLAB_ROWS].float(), out=out[:, s:s + CPU_SLAB_ROWS])
     return out
+
+
+def _logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of a chunk: fp32 accumulation, one rounding (to fp32) at the end."""
+    z = _mm_fp32(h, weight.t())
+    if bias is not None:
+        z += bias.float()
+    return z
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:

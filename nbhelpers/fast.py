@@ -23,6 +23,7 @@ import types
 import torch
 
 from .kernels.cross_entropy import fused_linear_cross_entropy, token_logprobs, token_stats
+from .offload import OffloadedLMHead
 
 _SUPPORTED = ("llama", "qwen2", "qwen3", "gpt_oss", "mistral")
 
@@ -32,8 +33,6 @@ def _causal_lm(model):
 
 
 def _check_head(model):
-    from .offload import OffloadedLMHead
-
     head = model.get_output_embeddings()
     if type(head) not in (torch.nn.Linear, OffloadedLMHead):  # an offloaded head's weight is streamed by the loss
         raise TypeError(f"fused loss needs a plain nn.Linear LM head, found {type(head).__name__} "
@@ -62,8 +61,6 @@ def _capture_head(model, store: dict):
 
 def _streamed(head) -> bool | None:
     """An offloaded head is always streamed (also when its host and the hidden states are both the CPU)."""
-    from .offload import OffloadedLMHead
-
     return True if isinstance(head, OffloadedLMHead) else None
 
 

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels.cross_entropy import stream_rows
+
 GB = 2**30
 
 
@@ -311,8 +313,6 @@ class OffloadedLMHead(nn.Linear):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.cross_entropy import stream_rows
-
         x = x.to(self.output_device)
         flat = x.reshape(-1, self.in_features)
         out = flat.new_empty(flat.shape[0], self.out_features)
