@@ -46,12 +46,12 @@ case "${1:-1}" in
 3)
     step fused_ce 120 python benchmarks/fused_ce.py --tokens 8192 --trainable-head --reps 3
     step fused_ce_streamed 100 python benchmarks/fused_ce.py --tokens 2048 8192 --stream-head --reps 3
-    step qlora_offload 150 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
-        --json "$OUT/qlora_offload.json"
-    step qat 190 python benchmarks/qat.py
+    step qlora_offload 220 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
+        nbhelpers-layers --json "$OUT/qlora_offload.json"
     ;;
 4)
     step rollout 250 python benchmarks/rollout.py --attn nbhelpers
+    step qat 190 python benchmarks/qat.py
     ;;
 *)
     echo "expected part 1, 2, 3 or 4, found '$1'" >&2

@@ -6,6 +6,7 @@ from .evaluate import exact_match, generate, show_examples, write_jsonl
 from .export import merge_lora, save_adapter, save_merged
 from .fast import (speed_up, use_fused_loss, use_fused_rms_norm, use_nf4_lora, use_nf4_lora_mlp,
                    use_nf4_lora_qkv)
+from .layer_offload import layer_weights_on_host, offload_layer_weights, restore_layer_weights
 from .loading import add_lora, load_lora, load_model, lora_targets
 from .memory import WontFitError, check_memory, estimate, plan_memory
 from .offload import (enable_offloaded_checkpointing, lm_head_on_host, offload_embeddings, offload_lm_head,

@@ -188,7 +188,7 @@ def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cud
 def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization: str | None = "nf4",
              dtype: torch.dtype = torch.float16, gradient_checkpointing: bool = True,
              offload_activations: bool = False, offload_embeddings: bool = False, fused_ce: bool = False,
-             offload_head: bool = False,
+             offload_head: bool = False, offload_layers: bool = False,
              attn_implementation: str | None = None, lora_experts: bool | None = None,
              generation: tuple[int, int] | None = None, optimizer: str = "adamw", fused_layers: bool = False,
              cuda: bool = True) -> Estimate:
@@ -201,6 +201,9 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     offload_embeddings: the input embedding table lives on the CPU (not when tied to the LM head).
     fused_ce: the loss never materialises all logits, only a chunk of them (`fused_ce_bytes`).
     offload_head: a frozen, untied LM head in host memory, streamed by the fused loss (needs fused_ce).
+    offload_layers: the decoder layers' frozen weights in host memory, two layers' worth on the GPU at a time
+    (`offload_layer_weights`; needs gradient_checkpointing). NF4 linears only move with fused_layers: bitsandbytes'
+    own forward keeps its weight until backward, so they stay.
     attn_implementation: "eager" stores attention probabilities; anything else is treated as flash-style.
     Default: "eager" for gpt-oss (sinks), "sdpa" otherwise.
     lora_experts: LoRA on every expert of every layer (default: for gpt-oss).
@@ -222,6 +225,9 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     if offload_head and not fused_ce:
         raise ValueError("offload_head needs fused_ce=True: the fused loss streams the head once per step, the "
                          "head's own forward would copy all of it for every call")
+    if offload_layers and not gradient_checkpointing:
+        raise ValueError("offload_layers needs gradient_checkpointing: without it autograd keeps every layer's "
+                         "weights until backward")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if dtype not in _BYTES:
@@ -241,7 +247,12 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     expert_bytes = _QUANT_BYTES[quantization] if quantization else b
     embed = 0 if offload_embeddings and not c["tied"] else c["embed"] * b
     head = 0 if offload_head else c["head"] * b  # c["head"] is 0 when tied (the table holds it)
-    weights = embed + head + c["other"] * b + c["linear"] * linear_bytes + c["experts"] * expert_bytes
+    linears, experts = c["linear"] * linear_bytes, c["experts"] * expert_bytes
+    if offload_layers:  # the layer in use and the one being copied stay on the GPU
+        share = min(m["L"], 2) / m["L"]
+        experts = experts * share
+        linears = linears * share if quantization != "nf4" or fused_layers else linears
+    weights = embed + head + c["other"] * b + linears + experts
 
     # LoRA: fp32 parameters, fp32 gradients, the optimizer's two moments
     stacks = [(1, i, o) for i, o in c["lora_shapes"]] + (c["expert_lora_stacks"] if lora_experts else [])
@@ -288,7 +299,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     est.settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, quantization=quantization,
                         dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=gradient_checkpointing,
                         offload_activations=offload_activations, offload_embeddings=offload_embeddings,
-                        fused_ce=fused_ce, offload_head=offload_head, attn_implementation=attn, lora_experts=lora_experts,
+                        fused_ce=fused_ce, offload_head=offload_head, offload_layers=offload_layers,
+                        attn_implementation=attn, lora_experts=lora_experts,
                         generation=generation, optimizer=optimizer, fused_layers=fused_layers)
     return est
 
@@ -351,14 +363,19 @@ def check_memory(model_name: str, device, *, seq_len: int, batch: int, lora_r: i
 def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int, lora_r: int = 16,
                 quantization: str | None = "nf4", dtype: torch.dtype = torch.float16,
                 available_bytes: int | None = None, shrink: bool = True, min_seq_len: int = 128,
-                **kwargs) -> dict:
+                offload_layers: bool | str = False, host_bytes: int | None = None, **kwargs) -> dict:
     """Check the settings against the device before loading anything; print the itemised table.
 
-    When the estimate exceeds the available memory and `shrink` is true, halve the batch (down to 1), then the
-    sequence length (down to `min_seq_len`), saying what changed; if nothing fits (or `shrink` is false) raise
-    WontFitError with the estimate. Returns {"seq_len", "batch", "grad_accum_factor", "estimate", "changes"}:
-    multiply gradient accumulation by `grad_accum_factor` to keep the effective batch.
+    When the estimate exceeds the available memory: with `offload_layers="auto"`, first keep the decoder layers'
+    weights in host memory (`offload_layer_weights`) if they fit in 80% of `host_bytes` (default: the host's
+    available RAM) and checkpointing is on; then, if `shrink` is true, halve the batch (down to 1), then the sequence
+    length (down to `min_seq_len`), saying what changed; if nothing fits (or `shrink` is false) raise WontFitError
+    with the estimate. Returns {"seq_len", "batch", "grad_accum_factor", "offload_layers", "estimate", "changes"}:
+    multiply gradient accumulation by `grad_accum_factor` to keep the effective batch; offload the layers' weights
+    when "offload_layers" is true.
     """
+    if offload_layers not in (True, False, "auto"):
+        raise ValueError(f"offload_layers must be True, False or 'auto', got {offload_layers!r}")
     config = model_name_or_config
     name = config if isinstance(config, str) else getattr(config, "_name_or_path", "") or config.model_type
     if isinstance(config, str):
@@ -368,18 +385,31 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
     available_bytes = _available(device, available_bytes)
     kwargs.setdefault("cuda", torch.device(device).type == "cuda")
 
-    def est_for(s, b_):
+    def est_for(s, b_, layers):
         return estimate(config, seq_len=s, batch=b_, lora_r=lora_r, quantization=quantization, dtype=dtype,
-                        **kwargs)
+                        offload_layers=layers, **kwargs)
 
     s, b_ = seq_len, batch
-    est, changes = est_for(s, b_), []
+    layers = offload_layers is True
+    est, changes = est_for(s, b_, layers), []
+    if offload_layers == "auto" and est["total"] > available_bytes and kwargs.get("gradient_checkpointing", True):
+        offloaded = est_for(s, b_, True)
+        moved = est["weights"] - offloaded["weights"]
+        if host_bytes is None:
+            host_bytes = _available("cpu", None)
+        if moved > 0 and moved <= 0.8 * host_bytes:
+            layers, est = True, offloaded
+            changes.append(f"decoder layer weights in host memory ({moved / GB:.2f} GB of "
+                           f"{host_bytes / GB:.1f} GB available there)")
+        else:
+            print(f"layer weight offload would need {moved / GB:.2f} GB of host memory, "
+                  f"{host_bytes / GB:.1f} GB are available: not used")
     while shrink and est["total"] > available_bytes and (b_ > 1 or s > min_seq_len):
         if b_ > 1:
             b_ = b_ // 2
         else:
             s = max(min_seq_len, s // 2)
-        est = est_for(s, b_)
+        est = est_for(s, b_, layers)
     if b_ != batch:
         changes.append(f"batch {batch} -> {b_}")
     if s != seq_len:
@@ -392,7 +422,8 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
               + (f"; gradient accumulation x{batch // b_} keeps the effective batch" if b_ != batch else ""))
     else:
         print("fits as configured")
-    return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "estimate": est, "changes": changes}
+    return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "offload_layers": layers, "estimate": est,
+            "changes": changes}
 
 
 class LiveBytes(TorchDispatchMode):

@@ -174,9 +174,9 @@ def _checkpoint_layer(function, *args, offloader: HostOffloader | None = None, *
 
 
 def _model_device(model) -> torch.device:
-    for p in decoder_layers(model)[0].parameters():
-        return p.device
-    return torch.device("cpu")
+    """Where the decoder layers compute: the first parameter not in host memory (weights may be offloaded)."""
+    devices = [p.device for p in decoder_layers(model)[0].parameters()]
+    return next((d for d in devices if d.type != "cpu"), torch.device("cpu"))
 
 
 def enable_offloaded_checkpointing(model, offload: bool | None = None, max_pinned_bytes: int | None = None,

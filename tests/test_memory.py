@@ -235,6 +235,32 @@ def test_plan_memory_shrinks_batch_then_length(capsys):
         memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=fits, shrink=False, **kw)
 
 
+def test_plan_memory_offloads_layer_weights_before_shrinking(capsys):
+    cfg = tiny_llama_config(vocab_size=5000, num_hidden_layers=6)
+    kw = dict(lora_r=4, quantization=None, dtype=torch.float16, cuda=False)
+    full = memory.estimate(cfg, seq_len=512, batch=4, **kw)
+    offloaded = memory.estimate(cfg, seq_len=512, batch=4, offload_layers=True, **kw)
+    moved = full["weights"] - offloaded["weights"]
+    assert moved > 0 and full["total"] - offloaded["total"] == moved
+    # it fits once the layers are offloaded: no shrinking
+    plan = memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=offloaded["total"],
+                              offload_layers="auto", host_bytes=10 * GB, **kw)
+    assert plan["offload_layers"] and (plan["batch"], plan["seq_len"]) == (4, 512)
+    assert "decoder layer weights in host memory" in capsys.readouterr().out
+    # too little host memory: not offloaded, the batch shrinks instead
+    plan = memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=offloaded["total"],
+                              offload_layers="auto", host_bytes=int(moved / 0.8) - 1, **kw)
+    assert not plan["offload_layers"] and plan["batch"] < 4
+    assert "would need" in capsys.readouterr().out
+    # fits as it is: nothing offloaded; forced: offloaded
+    assert not memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=10 * GB, offload_layers="auto",
+                                  **kw)["offload_layers"]
+    assert memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, available_bytes=10 * GB, offload_layers=True,
+                              **kw)["offload_layers"]
+    with pytest.raises(ValueError, match="offload_layers must be"):
+        memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, offload_layers="yes", **kw)
+
+
 def test_bad_settings_are_named():
     cfg = tiny_llama_config()
     with pytest.raises(ValueError, match="quantization"):

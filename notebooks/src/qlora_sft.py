@@ -72,8 +72,9 @@ print(cfg)
 # The memory planner predicts peak memory from the model's config alone (no weights downloaded): 4-bit weights,
 # LoRA with AdamW state, saved activations, the loss's chunk of logits (our fused cross-entropy and fused layers,
 # which `nb.speed_up` turns on below, are counted, and so are the offloads of the VRAM-savers section and of the
-# training cell). If the settings do not fit it shrinks the batch, then the length, and says so; if nothing fits
-# we stop here with the itemised estimate.
+# training cell). If the settings do not fit, it first moves the decoder layers' frozen weights to host memory
+# (copied back one layer ahead of use; only when they fit in the host's RAM), then shrinks the batch, then the
+# length, and says so; if nothing fits we stop here with the itemised estimate.
 
 # %%
 on_gpu = device.type == "cuda"
@@ -82,7 +83,8 @@ plan = nb.plan_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batc
                       gradient_checkpointing=cfg["gradient_checkpointing"],
                       offload_activations=on_gpu and cfg["gradient_checkpointing"], offload_embeddings=on_gpu,
                       offload_head=True, fused_ce=True,  # the head: while training, below
-                      fused_layers=on_gpu and cfg["quantization"] == "nf4")  # `nb.speed_up`, below
+                      fused_layers=on_gpu and cfg["quantization"] == "nf4",  # `nb.speed_up`, below
+                      offload_layers="auto")  # only if it does not fit otherwise
 cfg.update(max_length=plan["seq_len"], batch_size=plan["batch"],
            grad_accum=cfg["grad_accum"] * plan["grad_accum_factor"])
 estimate = plan["estimate"]
@@ -151,6 +153,9 @@ print(f"held-out exact match before training: {before['accuracy']:.2f}")
 # CPU it runs the same code): the fused loss copies it to the GPU a block at a time, once per step, overlapping the
 # copies with its matmuls. Generation would copy the whole head for every token, so the head goes back after
 # training. A head tied to the input embeddings (e.g. Qwen2.5-1.5B) stays where it is, and the call says so.
+# If the plan above needed it, the decoder layers' frozen weights wait in CPU memory too: each layer's are copied to
+# the GPU just before it runs (the next layer's while this one computes), in the forward pass and again when the
+# backward pass recomputes the layer, so about two layers' weights are on the GPU at a time.
 
 # %%
 from trl import SFTConfig, SFTTrainer
@@ -165,10 +170,13 @@ args = SFTConfig(
 trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
 nb.speed_up(trainer.model)  # fused MLP, q/k/v, RMSNorm, NF4 LoRA linears, fused cross-entropy (note above)
 nb.offload_lm_head(model, device)
+if plan["offload_layers"]:
+    nb.offload_layer_weights(model, device)
 nb.reset_peak_memory(device)
 with nb.Timer() as timer:
     trainer.train()
-nb.restore_lm_head(model)  # back on the GPU for generation (no-op when it was not offloaded)
+nb.restore_lm_head(model)  # back on the GPU for generation (no-ops when they were not offloaded)
+nb.restore_layer_weights(model)
 
 # %% [markdown]
 # ## Loss curve
