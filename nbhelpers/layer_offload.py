@@ -33,11 +33,12 @@ wrong result.
 
 Requirements. Training needs gradient checkpointing (non-reentrant, as transformers and
 `enable_offloaded_checkpointing` set it up): without it autograd keeps every layer's weights until backward, and
-a forward with gradients and no checkpointing is refused with an error. bitsandbytes' own 4-bit forward (`MatMul4Bit`) keeps its
-weight on its autograd context instead of saving it, and reads the quantization state in backward: such linears are
-not offloaded (it reports how many). With NF4, call `speed_up(model)` first: our NF4 ops save the weight for
-backward, where checkpointing drops and recomputes it. `model.to(...)` after offloading moves the host copies back to
-the GPU until each layer has run once (a message says so): offload after moving the model.
+a forward with gradients and no checkpointing is refused with an error. bitsandbytes' own 4-bit forward
+(`MatMul4Bit`) keeps its weight on its autograd context instead of saving it, and reads the quantization state in
+backward: such linears are not offloaded (it reports how many). With NF4, call `speed_up(model)` first: our NF4
+ops save the weight for backward, where checkpointing drops and recomputes it. `model.to(...)` after offloading
+moves the host copies back to the GPU until each layer has run once (a message says so): offload after moving the
+model.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .fast import _nf4_lora_ready
-from .offload import GB, _unwrap, decoder_layers
+from .offload import GB, _model_device, _unwrap, decoder_layers
 
 MIN_BYTES = 64 * 2**10
 # transformers before ~5.2x checkpointed a layer's `__call__`, so its forward hooks ran inside the checkpoint
@@ -81,12 +82,12 @@ def _bnb_forward_linears(layer: nn.Module) -> list:
     return [m for m in layer.modules() if isinstance(m, Linear4bit) and id(m) not in routed]
 
 
-def _slots(layer: nn.Module, min_bytes: int) -> list:
+def _slots(layer: nn.Module, min_bytes: int, stay: list) -> list:
     """(owner, attribute) of every frozen tensor of `layer` to offload: parameters (their `.data`), their bitsandbytes
     quantization state, and buffers. Not those of linears that run bitsandbytes' own forward: its autograd node keeps
     the weight on its context and reads the quantization state in backward, possibly before anything recomputes the
-    layer (so before the layer's copies are handed over again)."""
-    slots, seen = [], {id(p) for m in _bnb_forward_linears(layer) for p in m.parameters(recurse=False)}
+    layer (so before the layer's copies are handed over again): `stay`, from `_bnb_forward_linears`."""
+    slots, seen = [], {id(p) for m in stay for p in m.parameters(recurse=False)}
     for module in layer.modules():
         for p in module.parameters(recurse=False):
             if p.requires_grad or id(p) in seen:
@@ -137,8 +138,11 @@ class LayerWeightOffload:
         self.up = True
         self._side = torch.cuda.Stream(self.device) if self.cuda else None
         self._warned = False
+        self.unrouted = 0  # bitsandbytes linears left on the device (see `_slots`)
         for module in self.modules:
-            slots = _slots(module, min_bytes)
+            stay = _bnb_forward_linears(module)
+            self.unrouted += len(stay)
+            slots = _slots(module, min_bytes, stay)
             self.layers.append(_Layer(slots, [self._host(getattr(o, a)) for o, a in slots]))
         for layer in self.layers:
             self._rest(layer)
@@ -284,15 +288,14 @@ class LayerWeightOffload:
         def hook(module, args):
             if not (getattr(module, "gradient_checkpointing", False) and module.training):
                 self._step(i, module, args, False)
-            elif not self._ours(module):  # checkpointing set up again since (e.g. by the Trainer): wrap it again
+                return
+            if not self._ours(module):  # checkpointing set up again since (e.g. by the Trainer): wrap it again
                 self._wrap(i, module)
-                if _HOOKS_INSIDE_CHECKPOINT:  # this call is already inside a checkpoint that is not ours
-                    self._step(i, module, args, True)
-            elif _HOOKS_INSIDE_CHECKPOINT and self._inside != i:
-                # inside a checkpoint but not inside our wrapper: the recomputation of a call that was made before
-                # the wrapping just above (its checkpoint reruns the function it was given)
+            if _HOOKS_INSIDE_CHECKPOINT and self._inside != i:
+                # inside a checkpoint but not inside our wrapper: a call whose checkpoint was set up before the
+                # wrapping (this one, or the recomputation of one), which reruns the function it was given
                 self._step(i, module, args, True)
-            # else: our wrapper takes (or took) the step of this checkpointed call
+            # otherwise our wrapper takes (or took) the step of this checkpointed call
         return hook
 
     def restore(self) -> None:
@@ -315,12 +318,7 @@ def offload_layer_weights(model, device: torch.device | str | None = None, min_b
     base = _unwrap(model)
     if getattr(base, "_nbhelpers_layer_offload", None) is not None:
         return base._nbhelpers_layer_offload
-    layers = decoder_layers(model)
-    if device is None:
-        slots = [s for layer in layers for s in _slots(layer, min_bytes)]
-        device = getattr(*slots[0]).device if slots else torch.device("cpu")
-    device = torch.device(device)
-    unrouted = sum(len(_bnb_forward_linears(layer)) for layer in layers)
+    device = torch.device(device) if device is not None else _model_device(model)
     off = LayerWeightOffload(model, device, min_bytes=min_bytes, verbose=verbose)
     base._nbhelpers_layer_offload = off
     if device.type == "cuda":
@@ -329,10 +327,10 @@ def offload_layer_weights(model, device: torch.device | str | None = None, min_b
         total = sum(layer.nbytes for layer in off.layers)
         print(f"layer weights in host memory: {total / GB:.2f} GB in {len(off.layers)} layers, "
               f"~{2 * total / max(1, len(off.layers)) / GB:.2f} GB of them on {device} at a time")
-        if unrouted:
-            print(f"layer weight offload: {unrouted} bitsandbytes linears run bitsandbytes' own forward, which keeps "
-                  "its weight on the autograd context until backward; they stay on the GPU. Call nb.speed_up(model) "
-                  "first to route them through our NF4 ops")
+        if off.unrouted:
+            print(f"layer weight offload: {off.unrouted} bitsandbytes linears run bitsandbytes' own forward, which "
+                  "keeps its weight on the autograd context until backward; they stay on the GPU. Call "
+                  "nb.speed_up(model) first to route them through our NF4 ops")
     return off
 
 
