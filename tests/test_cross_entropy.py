@@ -11,15 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import nbhelpers.kernels.cross_entropy as ce_module
-from nbhelpers.kernels import interpreting
 from nbhelpers.memory import LiveBytes
-from numerics import rel_err
+from numerics import INTERPRETING, rel_err
 
 N, H, V = 37, 24, 101  # odd on purpose; chunk_bytes below forces chunks of 8 rows (the last one partial)
 CHUNK = 8 * 4 * V
-
-
-INTERPRETING = interpreting()
 
 
 @pytest.fixture(params=["triton"] if INTERPRETING else ["torch"])

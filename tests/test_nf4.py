@@ -6,15 +6,9 @@ import torch
 
 import bitsandbytes.functional as BF
 
-from nbhelpers.kernels import interpreting
 from nbhelpers.kernels.nf4 import NF4_VALUES, dequantize_nf4
 from nbhelpers.kernels.nf4_lora import nf4_lora_linear, nf4_lora_linear_reference
-from numerics import rel_err
-
-INTERPRETING = interpreting()
-PATH = "triton" if INTERPRETING else "torch"
-# bf16 conversion is not faithful in the Triton interpreter (bf16 is checked on the torch path and on GPUs)
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat16])
+from numerics import DTYPES, INTERPRETING, PATH, rel_err
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")

@@ -8,15 +8,10 @@ import torch
 
 import bitsandbytes.functional as BF
 
-from nbhelpers.kernels import interpreting
 from nbhelpers.kernels.nf4_lora_mlp import nf4_lora_mlp, nf4_lora_mlp_reference
 from nbhelpers.kernels.nf4_lora_qkv import nf4_lora_linears, nf4_lora_linears_reference
 from nbhelpers.kernels.swiglu import swiglu, swiglu_backward, swiglu_forward
-from numerics import rel_err
-
-INTERPRETING = interpreting()
-PATH = "triton" if INTERPRETING else "torch"
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat16])
+from numerics import DTYPES, INTERPRETING, PATH, rel_err
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent of the interpreter run")

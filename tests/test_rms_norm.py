@@ -5,10 +5,7 @@ import pytest
 import torch
 
 import nbhelpers.kernels.rms_norm as rn
-from nbhelpers.kernels import interpreting
-from numerics import rel_err
-
-INTERPRETING = interpreting()
+from numerics import INTERPRETING, rel_err
 
 
 @pytest.fixture(params=["triton"] if INTERPRETING else ["torch"])
