@@ -146,6 +146,8 @@ def check_layer_offload(dev):
             torch.cuda.max_memory_allocated()
 
     want_loss, want, want_peak = step()
+    # SDPA's backward may accumulate with atomics: two runs without offload set the bar (0 when deterministic)
+    noise = max(rel(g, want[n]) for n, g in step()[1].items())
     rest = torch.cuda.memory_allocated()
     off = nb.offload_layer_weights(model, dev, verbose=False)
     moved = rest - torch.cuda.memory_allocated()
@@ -154,8 +156,9 @@ def check_layer_offload(dev):
     ok = True
     for loss, grads, peak in results:
         err = max(rel(grads[n], want[n]) for n in want)
-        ok &= loss == want_loss and err == 0.0 and grads.keys() == want.keys()
-        print(f"layer offload: loss {loss:.6f} vs {want_loss:.6f}, LoRA grads worst rel err {err:.1e} (want 0); "
+        ok &= loss == want_loss and err <= 4 * noise and grads.keys() == want.keys()
+        print(f"layer offload: loss {loss:.6f} vs {want_loss:.6f}, LoRA grads worst rel err {err:.1e} (want <= 4x "
+              f"{noise:.1e}, two runs without offload); "
               f"peak {peak / 2**20:.1f} MB vs {want_peak / 2**20:.1f} MB")
     saved = want_peak - results[-1][2]
     ok &= off.stats["misses"] == 1 and saved >= 3 * per_layer and moved >= 5 * per_layer

@@ -30,3 +30,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def on_device(t: torch.Tensor):
+    """The context a kernel launch for `t` runs in: Triton launches on torch's *current* CUDA device and its stream,
+    so a model on `cuda:1` (or split over two GPUs by `device_map="auto"`) needs its device made current."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -42,6 +42,11 @@ fp16 (a T4's dtype, whose exponent range is narrow): the logit gradient is writt
 1/N under "mean", so g p_v would be subnormal for most v), the scale multiplies the fp32 result of the dh matmul,
 and dh stays fp32 until backward has applied the upstream gradient (the loss scale) and casts it once.
 
+Under torch.autocast the op stands in for the head's Linear, so the matmuls take their operands in autocast's dtype
+(an fp32 trainable head included; its gradient returns in fp32), with autocast off inside: the products stay fp32.
+Outside autocast, mixed dtypes meet at the wider one. A trainable fp16 head's dz carries g / max|g| and the fp32
+product is scaled back before its one rounding (the same subnormal trap as for dh).
+
 Offsets inside the kernel are int64: 16k tokens x 201,088 vocab = 3.3e9 elements overflow int32.
 `token_logprobs` (log p(token) for given tokens, GRPO's policy/reference log-probs) is `-loss` with
 reduction "none", at a temperature (dividing the logits by T is dividing hidden and bias by T).
@@ -51,7 +56,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import use_triton
+from . import on_device, use_triton
 
 try:
     import triton
@@ -132,8 +137,9 @@ def _rows_triton(z: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None, i
     else:
         dz = torch.empty((n, v), device=z.device, dtype=dz_dtype)
     block = min(4096, triton.next_power_of_2(v))
-    _ce_rows_kernel[(n,)](z, z.stride(0), y, scale if scale is not None else lse, loss, lse, ent, top1, dz,
-                          dz.stride(0), v, ignore_index, HAS_GRAD=scale is not None, BLOCK=block, num_warps=8)
+    with on_device(z):
+        _ce_rows_kernel[(n,)](z, z.stride(0), y, scale if scale is not None else lse, loss, lse, ent, top1, dz,
+                              dz.stride(0), v, ignore_index, HAS_GRAD=scale is not None, BLOCK=block, num_warps=8)
     return loss, lse, ent, top1.bool(), (dz if scale is not None else None)
 
 
@@ -171,8 +177,9 @@ def _grad_cols(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Ten
     if use_triton(z):
         dz = z if dz_dtype == torch.float32 else torch.empty((n, vc), device=z.device, dtype=dz_dtype)
         block = min(1024, triton.next_power_of_2(vc))
-        _ce_grad_kernel[(n, triton.cdiv(vc, block))](z, z.stride(0), y, lse, g, dz, dz.stride(0), col0, vc,
-                                                      BLOCK=block, num_warps=4)
+        with on_device(z):
+            _ce_grad_kernel[(n, triton.cdiv(vc, block))](z, z.stride(0), y, lse, g, dz, dz.stride(0), col0, vc,
+                                                          BLOCK=block, num_warps=4)
         return dz
     p = z.sub_(lse[:, None]).exp_()
     here = (y >= col0) & (y < col0 + vc)  # the label falls in this block of columns
@@ -185,7 +192,10 @@ def _grad_cols(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Ten
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 accumulation and an fp32 result (a [M, K], b [K, N])."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
+    if a.dtype != b.dtype:  # mixed operands (no autocast deciding): the wider of the two
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
+    if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         try:
@@ -213,6 +223,16 @@ def _logits_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if bias is not None:
         z += bias.float()
     return z
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the matmuls' operands. Under torch.autocast the op stands in for the head's Linear and takes
+    autocast's dtype, as that Linear would (an fp32 trainable head under fp16/bf16 autocast computes in fp16/bf16,
+    and its gradient still comes back in fp32); otherwise the wider of hidden's and weight's dtypes."""
+    kind = hidden.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,8 +264,9 @@ def _chunks(n, v, hidden, weight, chunk_bytes, need_dw):
 
 
 def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats=False,
-             need_dh=True):
-    """Run all chunks. `scale` [N] fp32 (per-row gradient factor) or None for the loss only.
+             need_dh=True, mm_dtype=None):
+    """Run all chunks. `scale` [N] fp32 (per-row gradient factor) or None for the loss only. `mm_dtype`: the
+    matmuls' operand dtype (`_compute_dtype`).
 
     Returns loss [N], lse [N], entropy [N], is_top1 [N] and, with `scale`, dh [N, H] (hidden's dtype, if
     `need_dh`), dW [V, H] (weight's dtype) and db [V] (fp32) where asked for.
@@ -259,12 +280,13 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
     dh = torch.empty(hidden.shape, device=hidden.device, dtype=_grad_dtype(hidden.dtype)) if grads and need_dh \
         else None
     db = torch.zeros(v, device=hidden.device, dtype=torch.float32) if grads and need_db else None
-    mm_dtype = weight.dtype
+    mm_dtype = mm_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+    w = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)  # the operand (dW keeps weight's dtype)
     late = grads and mm_dtype == torch.float16  # fp16: the row scale is applied after the matmul, in fp32
     # token pass: loss, lse (+ stats); dh and db when there is a gradient
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
-        z = _logits_fp32(hidden[sl], weight, bias)
+        z = _logits_fp32(hidden[sl].to(mm_dtype), w, bias)
         row_scale = (torch.ones_like(scale[sl]) if late else scale[sl]) if grads else None
         loss, lse, ent, t1, dz = fn(z, labels[sl], row_scale, ignore_index, mm_dtype, stats)
         del z
@@ -272,12 +294,11 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
         if stats:
             outs[2][sl], top1[sl] = ent, t1
         if dh is not None:
-            if late:
-                dh[sl] = _mm_fp32(dz, weight).mul_(scale[sl, None])
-            elif dh.dtype == mm_dtype:
-                torch.mm(dz, weight, out=dh[sl])
-            else:
-                dh[sl] = (dz @ weight).to(dh.dtype)
+            if dh.dtype == mm_dtype and not late:
+                torch.mm(dz, w, out=dh[sl])
+            else:  # an fp32 product, scaled (fp16), then rounded once to dh's dtype
+                prod = _mm_fp32(dz, w)
+                dh[sl] = prod.mul_(scale[sl, None]) if late else prod
         if db is not None:
             db += scale[sl] @ dz.float() if late else dz.sum(0, dtype=torch.float32)
         del dz
@@ -287,14 +308,22 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
     elif grads and need_dw:
         # vocabulary pass: dW one block of rows at a time, each finished by one matmul over all tokens
         dw = torch.empty_like(weight)
-        h = hidden if hidden.dtype == mm_dtype else hidden.to(mm_dtype)
+        h = hidden.to(mm_dtype)
         g = torch.where(labels != ignore_index, scale, 0.0)
+        if late:  # fp16 dz carries g / max|g| (g alone, e.g. 1/N, would put most of it among the subnormals)
+            top = g.abs().amax()
+            top = torch.where(top > 0, top, 1.0)
+            g = g / top
         for start in range(0, v, cols):
             vs = slice(start, min(v, start + cols))
-            z = _logits_fp32(hidden, weight[vs], bias[vs] if bias is not None else None)
+            z = _logits_fp32(h, w[vs], bias[vs] if bias is not None else None)
             dz = _grad_cols(z, labels, outs[1], g, start, mm_dtype)
             del z
-            torch.mm(dz.t(), h, out=dw[vs])
+            if dw.dtype == mm_dtype and not late:
+                torch.mm(dz.t(), h, out=dw[vs])
+            else:  # an fp32 product (scaled back by max|g| for fp16), rounded once to dW's dtype
+                prod = _mm_fp32(dz.t(), h)
+                dw[vs] = prod.mul_(top) if late else prod
             del dz
     return outs[0], outs[1], outs[2], top1, dh, dw, db
 
@@ -319,6 +348,9 @@ def stream_rows(weight: torch.Tensor, device: torch.device, rows: int):
     compute = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     buffers = [torch.empty((min(rows, v), *weight.shape[1:]), dtype=weight.dtype, device=device) for _ in range(2)]
+    # The buffers were allocated on the compute stream, which may still have queued work on the memory the caching
+    # allocator just handed back (a previous call's blocks): the side stream waits for it before its first copies.
+    side.wait_stream(compute)
     freed = [None, None]  # event: the compute stream has finished with what buffer i held
 
     def issue(k):
@@ -357,11 +389,13 @@ def _stream_cols(n: int, h: int, weight: torch.Tensor, chunk_bytes: int | None, 
     return _round(max(1, min(weight.shape[0], budget // per_col)))
 
 
-def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stats=False):
+def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stats=False, mm_dtype=None):
     """`_process` for a frozen weight streamed from wherever it lives (one pass over the vocabulary, see the module
     docstring). Returns loss, lse, entropy, is_top1, dh (with `scale`)."""
     n, h = hidden.shape
     dev = hidden.device
+    mm_dtype = mm_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+    hidden_dtype, hidden = hidden.dtype, hidden.to(mm_dtype)
     cols = _stream_cols(n, h, weight, chunk_bytes, dev.type == "cuda")
     f32 = dict(device=dev, dtype=torch.float32)
     m = torch.full((n,), float("-inf"), **f32)
@@ -371,8 +405,8 @@ def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_b
     grads = scale is not None
     acc = torch.zeros(n, h, **f32) if grads else None
     bias = bias.to(dev) if bias is not None else None
-    mm_dtype = weight.dtype
     for start, w in stream_rows(weight, dev, cols):
+        w = w.to(mm_dtype)
         z = _logits_fp32(hidden, w, bias[start:start + w.shape[0]] if bias is not None else None)
         here = (y >= start) & (y < start + w.shape[0])
         col = torch.where(here, y - start, 0)[:, None]
@@ -401,19 +435,21 @@ def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_b
         rows = torch.where(valid, labels, 0)
         w_y = weight[rows.to(weight.device)].to(dev) if n else weight[:0].to(dev)
         acc.mul_((g / s)[:, None]).addcmul_(w_y, (g * s_o / s)[:, None], value=-1.0)
-        dh = acc.to(_grad_dtype(hidden.dtype))
+        dh = acc.to(_grad_dtype(hidden_dtype))
     return loss, lse, ent, top1, dh
 
 
 def _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream, need_dw=False, need_db=False,
-         stats=False, need_dh=True):
-    """`_process`, or `_process_streamed` for a streamed head (which has no dW / db: it is frozen)."""
-    if stream:
-        loss, lse, ent, top1, dh = _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes,
-                                                     stats)
-        return loss, lse, ent, top1, dh if need_dh else None, None, None
-    return _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats,
-                    need_dh)
+         stats=False, need_dh=True, mm_dtype=None):
+    """`_process`, or `_process_streamed` for a streamed head (which has no dW / db: it is frozen), with autocast
+    off inside (the operands' dtype is `mm_dtype`, decided by the caller; the fp32 math must stay fp32)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        if stream:
+            loss, lse, ent, top1, dh = _process_streamed(hidden, weight, bias, labels, scale, ignore_index,
+                                                         chunk_bytes, stats, mm_dtype)
+            return loss, lse, ent, top1, dh if need_dh else None, None, None
+        return _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats,
+                        need_dh, mm_dtype)
 
 
 def _streams(hidden, weight, bias, stream):
@@ -450,15 +486,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.reduction, ctx.ignore_index, ctx.chunk_bytes, ctx.stream = reduction, ignore_index, chunk_bytes, stream
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.hidden_dtype = hidden.dtype
+        ctx.mm_dtype = mm_dtype = _compute_dtype(hidden, weight)  # backward runs outside autocast: kept for it
         if reduction == "none" or not any(need[:3]):
-            loss, *_ = _run(hidden, weight, bias, labels, None, ignore_index, chunk_bytes, stream)
+            loss, *_ = _run(hidden, weight, bias, labels, None, ignore_index, chunk_bytes, stream, mm_dtype=mm_dtype)
             ctx.save_for_backward(hidden, weight, bias, labels)
             return loss if reduction == "none" else (loss.sum() / valid.sum() if reduction == "mean" else loss.sum())
         n_valid = valid.sum()
         factor = (1.0 / n_valid.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
         scale = factor.expand(hidden.shape[0]).contiguous()
         loss, _, _, _, dh, dw, db = _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream,
-                                         need[1], need[2] and bias is not None, need_dh=need[0])
+                                         need[1], need[2] and bias is not None, need_dh=need[0], mm_dtype=mm_dtype)
         ctx.save_for_backward(dh, dw, db)
         total = loss.sum()
         return total / n_valid if reduction == "mean" else total
@@ -478,7 +515,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, labels = ctx.saved_tensors
         need = ctx.needs_input_grad
         _, _, _, _, dh, dw, db = _run(hidden, weight, bias, labels, grad.float().contiguous(), ctx.ignore_index,
-                                      ctx.chunk_bytes, ctx.stream, need[1], need[2], need_dh=need[0])
+                                      ctx.chunk_bytes, ctx.stream, need[1], need[2], need_dh=need[0],
+                                      mm_dtype=ctx.mm_dtype)
         dh = dh.to(ctx.hidden_dtype) if dh is not None else None
         return dh, dw, db, None, None, None, None, None
 
@@ -522,7 +560,7 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
     """(entropy [N], is_top1 [N] bool) of softmax(hidden @ weight.T + bias), without gradient (for metrics)."""
     stream = _streams(hidden, weight.detach(), bias.detach() if bias is not None else None, stream)
     _, _, ent, top1, *_ = _run(hidden.contiguous(), weight, bias, tokens.contiguous(), None, ignore_index,
-                               chunk_bytes, stream, stats=True)
+                               chunk_bytes, stream, stats=True, mm_dtype=_compute_dtype(hidden, weight))
     return ent, top1
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import use_triton
+from . import on_device, use_triton
 
 try:
     import triton
@@ -87,15 +87,17 @@ if triton is not None:
         # The program's start is int64 (models exceed 2^31 elements); offsets inside it are int32.
         start = tl.program_id(0).to(tl.int64) * BYTES
         local = tl.arange(0, BYTES)
-        byte = tl.load(P + start + local, mask=local < n_bytes - start, other=0).to(tl.int32)
+        inside = local < n_bytes - start  # the last program's tail lanes read nothing (their blocks do not exist)
+        byte = tl.load(P + start + local, mask=inside, other=0).to(tl.int32)
         hi = tl.load(LUT + (byte >> 4))  # the 16-entry code book stays in L1
         lo = tl.load(LUT + (byte & 15))
         block = start // (BLOCKSIZE // 2) + local // (BLOCKSIZE // 2)
         if NESTED:  # absmax = code2[u8] * absmax2[block // BLOCKSIZE2] + offset, two fp32 roundings (no FMA)
-            a = tl.load(CODE2 + tl.load(ABSMAX + block).to(tl.int32)) * tl.load(ABSMAX2 + block // BLOCKSIZE2)
+            a = tl.load(CODE2 + tl.load(ABSMAX + block, mask=inside, other=0).to(tl.int32))
+            a = a * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=inside, other=0.0)
             a = a + tl.load(OFFSET)
         else:
-            a = tl.load(ABSMAX + block)
+            a = tl.load(ABSMAX + block, mask=inside, other=0.0)
         out = tl.interleave((hi * a).to(OUT.dtype.element_ty), (lo * a).to(OUT.dtype.element_ty))
         pos = tl.arange(0, 2 * BYTES)
         tl.store(OUT + 2 * start + pos, out, mask=pos < n - 2 * start)
@@ -135,7 +137,8 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
     offset = quant_state.offset.float().reshape(1).to(packed.device) if nested else absmax
     packed = packed.reshape(-1)
     nbytes = max(1024, bs // 2)  # bitsandbytes' block sizes are powers of two from 32 to 4096
-    _nf4_dequant_kernel[(triton.cdiv(packed.numel(), nbytes),)](
-        packed, absmax, code2, absmax2, offset, _code_book(packed.device), out, packed.numel(), n,
-        NESTED=nested, BLOCKSIZE=bs, BLOCKSIZE2=s2.blocksize if nested else 1, BYTES=nbytes, **LAUNCH_OPTIONS)
+    with on_device(packed):
+        _nf4_dequant_kernel[(triton.cdiv(packed.numel(), nbytes),)](
+            packed, absmax, code2, absmax2, offset, _code_book(packed.device), out, packed.numel(), n,
+            NESTED=nested, BLOCKSIZE=bs, BLOCKSIZE2=s2.blocksize if nested else 1, BYTES=nbytes, **LAUNCH_OPTIONS)
     return out

@@ -258,9 +258,31 @@ def _nf4_lora_ready(layer) -> bool:
 
 
 def _nf4_lora_projection(layer, name: str, dtype):
-    """`(packed, quant_state, lora_a, lora_b, scale)` of a ready peft NF4 LoRA layer, the factors in `dtype`."""
-    return (layer.base_layer.weight.data, layer.base_layer.weight.quant_state, layer.lora_A[name].weight.to(dtype),
-            layer.lora_B[name].weight.to(dtype), layer.scaling[name])
+    """`(packed, quant_state, lora_a, lora_b, scale)` of a ready peft NF4 LoRA layer, the factors in `dtype`. The
+    packed bytes are read as uint8 whatever `bnb_4bit_quant_storage` stored them as (FSDP-QLoRA stores bf16)."""
+    packed = layer.base_layer.weight.data
+    return (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8), layer.base_layer.weight.quant_state,
+            layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype), layer.scaling[name])
+
+
+def _op_dtype(base, x) -> torch.dtype:
+    """The dtype bitsandbytes' `Linear4bit` would compute this call in: under torch.autocast, autocast's (its
+    F.linear is autocast); otherwise its `compute_dtype`, which its first forward sets from the input
+    (`set_compute_type`: an fp32 or bf16 input takes over the default fp32). Our ops then run with autocast off."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    if not getattr(base, "compute_type_is_set", True):
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    return base.compute_dtype or x.dtype
+
+
+def _bypassed(x) -> bool:
+    """Calls our NF4 ops leave to peft + bitsandbytes: a one-token no-grad call (decoding: bitsandbytes' GEMV reads
+    the 4-bit weight without decoding it, which beats decoding the whole weight for one row), and any call while
+    torch.compile traces (compiled rollouts; bitsandbytes' ops are registered for it, ours are not)."""
+    return (not torch.is_grad_enabled() and x.numel() == x.shape[-1]) or torch.compiler.is_compiling()
 
 
 def _ready_group(layers):
@@ -269,12 +291,6 @@ def _ready_group(layers):
     if len(names) != 1 or not all(_nf4_lora_ready(p) for p in layers):
         return None
     return names.pop()[0]
-
-
-def _one_token_decode(x) -> bool:
-    """A no-grad call on one token: bitsandbytes' own GEMV reads the 4-bit weight without decoding it, which beats
-    decoding the whole weight for one row, so our ops leave such calls to peft + bitsandbytes."""
-    return not torch.is_grad_enabled() and x.numel() == x.shape[-1]
 
 
 def use_nf4_lora(model) -> int:
@@ -298,13 +314,14 @@ def use_nf4_lora(model) -> int:
             served = self.__dict__.get("_nbhelpers_served")  # set by `use_nf4_lora_qkv` for one attention call
             if served is not None and served[0] is x and not args and not kwargs:
                 return served[1]
-            name = None if args or kwargs or _one_token_decode(x) else _ready_group((self,))
+            name = None if args or kwargs or _bypassed(x) else _ready_group((self,))
             if name is None:
                 return _original(x, *args, **kwargs)
             base = self.base_layer
-            dtype = base.compute_dtype or x.dtype
+            dtype = _op_dtype(base, x)
             bias = base.bias.to(dtype) if base.bias is not None else None
-            y = nf4_lora_linear(x.to(dtype), *_nf4_lora_projection(self, name, dtype), bias)
+            with torch.autocast(x.device.type, enabled=False):
+                y = nf4_lora_linear(x.to(dtype), *_nf4_lora_projection(self, name, dtype), bias)
             return y.to(x.dtype)
 
         _route(layer, "_nbhelpers_nf4_lora", forward)
@@ -341,12 +358,13 @@ def use_nf4_lora_mlp(model) -> int:
 
         def forward(self, x, *args, _original=original, **kwargs):
             layers = (self.gate_proj, self.up_proj, self.down_proj)
-            covered = not (args or kwargs or _one_token_decode(x) or any(p.base_layer.bias is not None for p in layers))
+            covered = not (args or kwargs or _bypassed(x) or any(p.base_layer.bias is not None for p in layers))
             name = _ready_group(layers) if covered else None
             if name is None:
                 return _original(x, *args, **kwargs)
-            dtype = self.gate_proj.base_layer.compute_dtype or x.dtype
-            y = nf4_lora_mlp(x.to(dtype), *(_nf4_lora_projection(p, name, dtype) for p in layers))
+            dtype = _op_dtype(self.gate_proj.base_layer, x)
+            with torch.autocast(x.device.type, enabled=False):
+                y = nf4_lora_mlp(x.to(dtype), *(_nf4_lora_projection(p, name, dtype) for p in layers))
             return y.to(x.dtype)
 
         _route(mlp, "_nbhelpers_nf4_lora_mlp", forward)
@@ -379,13 +397,14 @@ def use_nf4_lora_qkv(model) -> int:
         def forward(self, *args, _original=original, **kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
             layers = (self.q_proj, self.k_proj, self.v_proj)
-            name = _ready_group(layers) if torch.is_tensor(hidden) and not _one_token_decode(hidden) else None
+            name = _ready_group(layers) if torch.is_tensor(hidden) and not _bypassed(hidden) else None
             if name is None:
                 return _original(*args, **kwargs)
-            dtype = layers[0].base_layer.compute_dtype or hidden.dtype
-            outs = nf4_lora_linears(hidden.to(dtype), [
-                _nf4_lora_projection(p, name, dtype)
-                + (p.base_layer.bias.to(dtype) if p.base_layer.bias is not None else None,) for p in layers])
+            dtype = _op_dtype(layers[0].base_layer, hidden)
+            with torch.autocast(hidden.device.type, enabled=False):
+                outs = nf4_lora_linears(hidden.to(dtype), [
+                    _nf4_lora_projection(p, name, dtype)
+                    + (p.base_layer.bias.to(dtype) if p.base_layer.bias is not None else None,) for p in layers])
             for p, y in zip(layers, outs):
                 p._nbhelpers_served = (hidden, y.to(hidden.dtype))
             try:

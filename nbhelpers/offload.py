@@ -10,9 +10,10 @@ the GPU when the backward pass recomputes the layer. That frees `layers x tokens
 It plugs into transformers' own extension point: every `GradientCheckpointingLayer` (the decoder layers) gets
 `gradient_checkpointing = True` and our `_gradient_checkpointing_func`, which is
 `torch.utils.checkpoint.checkpoint(use_reentrant=False)` run under a saved-tensor hook that offloads what the
-checkpoint saves (the layer input). When pinned memory cannot be had (allocation fails, or `max_pinned_bytes` is
-reached) it says so once and falls back to pageable host memory (synchronous copies); if even that fails the input
-stays on the GPU (plain checkpointing).
+checkpoint saves (the layer input). When pinned memory cannot be had it says so once and falls back to pageable host
+memory (synchronous copies): from then on if the allocation failed, for the inputs beyond it if `max_pinned_bytes`
+was reached (the cap counts what torch's caching host allocator takes: sizes rounded up to a power of two). If even
+pageable memory fails the input stays on the GPU (plain checkpointing).
 
 Embedding offload. `offload_embeddings(model)` keeps the input embedding table on the CPU: token ids go to the CPU,
 the lookup happens there and only the `[batch, seq, hidden]` result goes to the GPU (gpt-oss: 201,088 x 2880 in
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .kernels.cross_entropy import stream_rows
+from .kernels.cross_entropy import _mm_fp32, stream_rows
 
 GB = 2**30
 
@@ -56,6 +57,11 @@ def decoder_layers(model) -> list[nn.Module]:
     return layers
 
 
+def pinned_size(nbytes: int) -> int:
+    """The bytes torch's caching host allocator takes for a pinned tensor of `nbytes`: the next power of two."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
 class HostOffloader:
     """Saved-tensor hooks that keep saved tensors in host memory until backward needs them.
 
@@ -71,7 +77,7 @@ class HostOffloader:
         self.pin_memory = pin_memory
         self.max_pinned_bytes = max_pinned_bytes
         self.verbose = verbose
-        self.pinned_bytes = 0  # pinned host bytes currently held by saved tensors
+        self.pinned_bytes = 0  # pinned host bytes currently held by saved tensors (as the allocator rounds them)
         self.keep_on_device = False  # set when even pageable host memory failed
         self.fallback_reason = None
         self.stats = {"packed": 0, "bytes": 0, "pinned": 0, "pageable": 0, "on_device": 0}
@@ -92,10 +98,15 @@ class HostOffloader:
             print(msg)
 
     def _host_buffer(self, t: torch.Tensor) -> torch.Tensor | None:
-        nbytes = t.numel() * t.element_size()
+        nbytes = pinned_size(t.numel() * t.element_size())
         if self.pin_memory:
             if self.max_pinned_bytes is not None and self.pinned_bytes + nbytes > self.max_pinned_bytes:
-                self._fall_back(f"pinned host memory cap of {self.max_pinned_bytes / GB:.2f} GB reached")
+                if self.fallback_reason is None:  # this input goes to pageable memory; later ones may fit again
+                    self.fallback_reason = (f"offloaded checkpointing: pinned host memory cap of "
+                                            f"{self.max_pinned_bytes / GB:.2f} GB reached; the inputs beyond it go to "
+                                            "pageable host memory (synchronous copies: slower, same GPU memory saved).")
+                    if self.verbose:
+                        print(self.fallback_reason)
             else:
                 try:
                     buf = self._empty(t, pin_memory=True)
@@ -283,12 +294,35 @@ def _swap_in(setter, make, old: nn.Module, device: torch.device, verbose: bool, 
     return saved
 
 
+class _StreamedMatmul(torch.autograd.Function):
+    """flat @ W.T for an `OffloadedLMHead`, W streamed block by block; backward streams W again for
+    d flat = d out @ W (fp32 sum over the blocks, one rounding). Nothing of W is saved: a streamed block lives in a
+    buffer the next block overwrites."""
+
+    @staticmethod
+    def forward(ctx, flat, head):
+        ctx.head = head
+        out = flat.new_empty(flat.shape[0], head.out_features)
+        for start, w in head._blocks():
+            torch.mm(flat, w.t().to(flat.dtype), out=out[:, start:start + w.shape[0]])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        head = ctx.head
+        dx = torch.zeros(grad.shape[0], head.in_features, device=grad.device, dtype=torch.float32)
+        for start, w in head._blocks():
+            dx += _mm_fp32(grad[:, start:start + w.shape[0]], w.to(grad.dtype))
+        return dx.to(grad.dtype), None
+
+
 class OffloadedLMHead(nn.Linear):
     """A frozen `nn.Linear` LM head whose weight stays in host memory (pinned when the output goes to a GPU).
 
     forward: logits computed on `output_device` with the weight streamed there in blocks of rows (a whole copy of
-    the head per call). The fused loss reads `.weight` and streams it itself. `.to(device)` on the model moves the
-    output (and the small bias), never the weight; a dtype change converts the weight where it is.
+    the head per call; backward, for the input's gradient, streams it once more). The fused loss reads `.weight`
+    and streams it itself. `.to(device)` on the model moves the output (and the small bias), never the weight; a
+    dtype change converts the weight where it is.
     """
 
     BLOCK_BYTES = 64 * 2**20  # weight bytes per streamed block in forward
@@ -314,14 +348,15 @@ class OffloadedLMHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.output_device)
-        flat = x.reshape(-1, self.in_features)
-        out = flat.new_empty(flat.shape[0], self.out_features)
-        rows = max(1, self.BLOCK_BYTES // (self.in_features * self.weight.element_size()))
-        for start, w in stream_rows(self.weight, self.output_device, rows):
-            torch.mm(flat, w.t().to(flat.dtype), out=out[:, start:start + w.shape[0]])
+        out = _StreamedMatmul.apply(x.reshape(-1, self.in_features), self)
         if self.bias is not None:
-            out += self.bias.to(out.dtype)
+            out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _blocks(self):
+        """(start, block of weight rows on the output device), a whole pass over the head."""
+        rows = max(1, self.BLOCK_BYTES // (self.in_features * self.weight.element_size()))
+        return stream_rows(self.weight, self.output_device, rows)
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.output_device))

@@ -1,5 +1,6 @@
 """Fused linear cross-entropy vs full logits + F.cross_entropy (fp64), on the torch path and under the Triton
 interpreter; the model hook vs the models' own loss; memory at N=4096 x V=201,088 in a subprocess; AOT builds."""
+import contextlib
 import json
 import os
 import subprocess
@@ -269,8 +270,9 @@ def test_resident_memory_far_below_full_logits(head, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_trainable_head_peak_over_outputs(dtype):
     """Forward + backward with a trainable head, gradient scaled (as Trainer's num_items_in_batch does): the peak
-    beyond the inputs is dh + dW plus at most 0.2x of that (chunks are sized to 0.15x; fp16 on CPU adds an fp32
-    copy of hidden, which a GPU does without). The torch path only: the Triton interpreter keeps a kernel's
+    beyond the inputs is dh + dW plus at most 0.2x of that (chunks are sized to 0.15x). fp16 on CPU adds what a
+    GPU's fp32-output matmul does without: an fp32 copy of hidden for the dW products, and beside it the fp32 product
+    of one vocabulary chunk, [cols, H]. The torch path only: the Triton interpreter keeps a kernel's
     arguments alive in a reference cycle until the garbage collector runs, so there two chunks overlap; the
     kernels allocate the same buffers as the torch path (fp32 dz over the logits, a half dz beside them)."""
     ce = ce_module
@@ -286,6 +288,9 @@ def test_trainable_head_peak_over_outputs(dtype):
         (loss / 7.0).backward()
         del loss
     outputs = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
+    if dtype == torch.float16:  # the CPU's fp32 copies (see above)
+        cols = ce._chunks(n, v, hidden, weight, None, True)[1]
+        outputs += (n + cols) * h * 4
     extra = (mode.peak - mode.base - outputs) / outputs
     print(f"{dtype}: peak {mode.peak - mode.base} B over the inputs, outputs {outputs} B: extra {extra:.3f}x")
     assert extra <= 0.2, extra
@@ -327,6 +332,86 @@ def _stream_bytes(rows, n=N, h=H):
     return rows * (n * 4 + 2 * h * 4)
 
 
+class _FakeCuda:
+    """CUDA streams and events faked on CPU, to check the order `stream_rows` puts its copies in. Each
+    `device="cuda"` buffer remembers the stream and time of its last use (allocated, written by a copy, or handed to
+    the compute stream); a copy by another stream must come after that stream's work up to then (an event recorded
+    later and waited for, or wait_stream later). `races` lists the copies that do not."""
+
+    def __init__(self, monkeypatch):
+        self.time, self.races, self.last_use = 0, [], {}
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None, name="side"):
+                self.name, self.synced = name, {}
+
+            def wait_event(self, event):
+                self.synced[event.stream] = max(self.synced.get(event.stream, -1), event.time)
+
+            def wait_stream(self, other):
+                self.synced[other.name] = fake.tick()
+
+        class Event:
+            def record(self, stream=None):
+                self.stream, self.time = (stream or fake.current[-1]).name, fake.tick()
+
+        @contextlib.contextmanager
+        def stream(s):
+            fake.current.append(s)
+            yield
+            fake.current.pop()
+
+        self.compute = Stream(name="compute")
+        self.current = [self.compute]
+        empty, copy = torch.empty, torch.Tensor.copy_
+
+        def fake_empty(*args, device=None, **kw):
+            t = empty(*args, **kw)
+            if device is not None and torch.device(device).type == "cuda":
+                self.use(t, self.current[-1].name)
+            return t
+
+        def fake_copy(t, src, non_blocking=False):
+            key = t.untyped_storage().data_ptr()
+            if key in self.last_use:
+                stream, when = self.last_use[key]
+                me = self.current[-1]
+                if stream != me.name and me.synced.get(stream, -1) < when:
+                    self.races.append(f"{me.name} writes a buffer {stream} used at t={when} without waiting")
+                self.use(t, me.name)
+            return copy(t, src, non_blocking=non_blocking)
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch, "empty", fake_empty)
+        monkeypatch.setattr(torch.Tensor, "copy_", fake_copy)
+
+    def tick(self):
+        self.time += 1
+        return self.time
+
+    def use(self, t, stream):
+        self.last_use[t.untyped_storage().data_ptr()] = (stream, self.tick())
+
+
+def test_stream_rows_copies_wait_for_the_compute_stream(monkeypatch):
+    """The double-buffered copies of a streamed head: the first two must wait for the compute stream's work queued
+    before the buffers were allocated (the allocator may hand back memory a previous call's last matmul has yet to
+    read: GRPO's log-probs then stats, back to back, did), and a refill must wait for the compute stream to be done
+    with the block the buffer held. Blocks come out in order and whole."""
+    fake = _FakeCuda(monkeypatch)
+    weight = torch.randn(10, 4)
+    got = []
+    for start, block in ce_module.stream_rows(weight, torch.device("cuda", 0), 3):
+        fake.use(block, "compute")  # the compute stream reads the block
+        got.append(block.clone())
+    assert fake.races == []
+    assert torch.equal(torch.cat(got), weight) and len(got) == 4
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_streamed_head_matches_full_logits(reduction, bias):
@@ -366,8 +451,9 @@ def test_streamed_head_logprobs_and_stats():
 @pytest.mark.parametrize("stream", [False, True])
 def test_fp16_loss_scaled_gradient(stream):
     """fp16 with "mean" over 2,048 tokens and a loss scale of 65,536 as backward's upstream gradient (Trainer under
-    fp16 autocast): dh is within 1.5x of the fp64 gradient rounded to fp16 (Frobenius). Writing g p_v (g = 1/N) to
-    fp16 before the matmul, as an earlier version did, gave 8.9x here: most of those values are subnormal."""
+    fp16 autocast): dh, and dW of a trainable head (not streamed), are within 1.5x of the fp64 gradient rounded to
+    fp16 (Frobenius). Writing g p_v (g = 1/N) to fp16 before the matmul, as earlier versions did, gave 8.9x for dh
+    and 11.8x for dW here: most of those values are subnormal."""
     n, h, v = 2048, 64, 5000
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(v, h, generator=g) * 0.3).half()
@@ -376,15 +462,43 @@ def test_fp16_loss_scaled_gradient(stream):
     labels[::7] = -100
     up = torch.tensor(65536.0)
     x = hidden.clone().requires_grad_(True)
-    ce_module.fused_linear_cross_entropy(x, weight, labels, stream=stream).backward(up)
+    w = weight.clone().requires_grad_(not stream)
+    ce_module.fused_linear_cross_entropy(x, w, labels, stream=stream).backward(up)
     x_ref = hidden.double().requires_grad_(True)
-    reference(x_ref, weight, labels).backward(up.double())
+    w_ref = weight.double().requires_grad_(True)
+    reference(x_ref, w_ref, labels).backward(up.double())
 
     def fro(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
 
-    ideal = fro(x_ref.grad.half(), x_ref.grad)
-    assert x.grad.dtype == torch.float16 and fro(x.grad, x_ref.grad) <= 1.5 * ideal, (fro(x.grad, x_ref.grad), ideal)
+    for got, want in ((x.grad, x_ref.grad), (w.grad, w_ref.grad))[:1 if stream else 2]:
+        ideal = fro(want.half(), want)
+        assert got.dtype == torch.float16 and fro(got, want) <= 1.5 * ideal, (fro(got, want), ideal)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="bf16: no bf16 in numpy")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_autocast_computes_as_the_heads_linear(weight_dtype, stream):
+    """Under torch.autocast the op stands in for the head's Linear, so its operands take autocast's dtype, as that
+    Linear's would: also an fp32 trainable head (peft's modules_to_save under mixed precision) beside bf16 hidden
+    states, a mix that torch.mm refuses on a GPU. Inside, autocast is off: the logits stay fp32-accumulated fp32
+    (autocast would round them to bf16, 1e-3 off here), and the head's gradient comes back in its own dtype."""
+    hidden, weight, _, labels = make(seed=3, bias=False)
+    x = hidden.clone().requires_grad_(True)
+    w = weight.to(weight_dtype, copy=True).requires_grad_(not stream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ce_module.fused_linear_cross_entropy(x, w, labels, stream=stream)
+    loss.backward()
+    x_ref = hidden.bfloat16().double().requires_grad_(True)
+    w_ref = weight.to(weight_dtype).bfloat16().double().requires_grad_(True)
+    want = reference(x_ref, w_ref, labels)
+    want.backward()
+    assert rel_err(loss, want) <= 1e-6, (loss.item(), want.item())
+    assert rel_err(want, reference(hidden, weight.to(weight_dtype), labels)) > 1e-4  # the operands' rounding shows
+    assert x.grad.dtype == torch.float32 and rel_err(x.grad, x_ref.grad) <= 1e-2  # dz rounded to bf16
+    if not stream:
+        assert w.grad.dtype == weight_dtype and rel_err(w.grad, w_ref.grad) <= 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -65,18 +65,34 @@ def _assert_same(a, b):
 
 
 class HostReads(TorchDispatchMode):
-    """Counts ops other than copies that read an offloaded tensor's host copy: compute must only ever see the
-    device copies (on a GPU a host read would be a device mismatch; on CPU it would silently give the same values)."""
-
-    COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.clone.default}
+    """Counts ops that read an offloaded tensor's host copy, other than the offloader's own copies to the device
+    (`_fetch`): compute must only ever see the device copies (on a GPU a host read would be a device mismatch, a
+    copy such as `.to(dtype)` of a host copy included; on CPU it would silently give the same values)."""
 
     def __init__(self, off):
         super().__init__()
         self.hosts = {h.untyped_storage().data_ptr() for layer in off.layers for h in layer.hosts}
         self.reads = []
+        self.fetching = False
+        self._off, self._fetch = off, off._fetch
+
+    def _fetching(self, k):
+        self.fetching = True
+        try:
+            self._fetch(k)
+        finally:
+            self.fetching = False
+
+    def __enter__(self):
+        self._off._fetch = self._fetching
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        del self._off._fetch
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in self.COPIES and not func.is_view:  # a view reads nothing (what reads the view is seen)
+        if not self.fetching and not func.is_view:  # a view reads nothing (what reads the view is seen)
             for t in tree_flatten((args, kwargs))[0]:
                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.hosts:
                     self.reads.append(func)

@@ -368,3 +368,55 @@ def test_fused_ops_under_checkpointing(tiny_llama, offload, monkeypatch):
     calls = [_count_calls(monkeypatch, c) for c in (NF4LoRAMLP, NF4LoRAShared)]
     _same_loss_and_grads(model, ids, patch)
     assert [len(c) for c in calls] == [4, 4]  # 2 layers x (forward + recomputation in backward)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="bf16: no bf16 in numpy")
+@pytest.mark.parametrize("setup", ["fp32 compute, bf16 autocast", "bf16 model, default compute", "bf16 storage"])
+def test_bitsandbytes_settings_as_trainers_load_them(tiny_llama, setup, monkeypatch):
+    """Settings a trainer really meets: bitsandbytes' default compute dtype (fp32) under bf16 autocast (accelerate's
+    mixed precision: an fp32 input met a bf16 LoRA factor inside our ops and crashed), a bf16 model with that
+    default and no autocast (transformers sets compute_dtype explicitly, so bitsandbytes computes in fp32), and
+    packed bytes stored as bf16 (FSDP-QLoRA's bnb_4bit_quant_storage; refused with a TypeError). Our ops compute
+    in the dtype peft + bitsandbytes compute in, and give their loss and LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nbhelpers.fast import speed_up
+    from nbhelpers.kernels.nf4_lora import NF4LoRALinear
+    from nbhelpers.kernels.nf4_lora_mlp import NF4LoRAMLP
+    from nbhelpers.kernels.nf4_lora_qkv import NF4LoRAShared
+
+    quant = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    if setup == "bf16 storage":
+        quant.update(bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    dtype = torch.float32 if "autocast" in setup else torch.bfloat16
+    computes_in = torch.float32 if setup == "bf16 model, default compute" else torch.bfloat16
+    seen = []
+    for cls in (NF4LoRALinear, NF4LoRAMLP, NF4LoRAShared):
+        forward = cls.forward
+
+        def spy(ctx, x, *args, _forward=forward):
+            seen.append(x.dtype)
+            return _forward(ctx, x, *args)
+
+        monkeypatch.setattr(cls, "forward", staticmethod(spy))
+    ids = torch.randint(3, 200, (2, 17), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for ours in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype,
+                                                     quantization_config=BitsAndBytesConfig(**quant))
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+        if ours:
+            speed_up(model, fused_loss=False, fused_norm=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in setup):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (want_loss, want), (got_loss, got) = runs
+    assert len(seen) == 6 and set(seen) == {computes_in}, seen  # per layer: o_proj, the MLP, q/k/v
+    assert rel_err(got_loss, want_loss) <= 1e-2
+    assert got.keys() == want.keys() and len(got) == 28
+    worst = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in want)
+    assert worst <= 5e-2, worst

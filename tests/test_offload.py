@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nbhelpers import offload
+from numerics import rel_err
 
 torch.set_num_threads(1)
 
@@ -136,6 +137,35 @@ def test_pinned_cap_falls_back_with_a_message(tiny_llama, capsys):
     out = capsys.readouterr().out
     assert "cap of 0.00 GB reached" in out or "could not be allocated" in out
     assert off.stats["pinned"] == 0 and off.stats["pageable"] == model.config.num_hidden_layers
+
+
+def test_pinned_cap_counts_rounded_sizes_and_is_not_for_good(tiny_llama, monkeypatch, capsys):
+    """The cap counts what the caching host allocator takes (a power of two), and reaching it sends only the inputs
+    beyond it to pageable memory: once backward has released the pinned buffers, the next step pins again (an
+    earlier version switched to pageable memory, and a device sync per layer, for the rest of training)."""
+    model = _load(tiny_llama)
+    ids, labels = _batch(model)
+    expected = _loss_and_grads(model, ids, labels)
+    off = offload.enable_offloaded_checkpointing(model, offload=True, verbose=True)
+    pinned = []
+
+    def empty(t, pin_memory):  # "pinned" on a CPU-only build: counted, not pinned
+        pinned.append(pin_memory)
+        return torch.empty(t.shape, dtype=t.dtype)
+
+    monkeypatch.setattr(offload.HostOffloader, "_empty", staticmethod(empty))
+    nbytes = ids.numel() * model.config.hidden_size * 4  # one layer input (fp32)
+    assert offload.pinned_size(nbytes) > nbytes  # not a power of two: the rounding matters
+    off.max_pinned_bytes = nbytes
+    _assert_same(_loss_and_grads(model, ids, labels), expected)
+    layers = model.config.num_hidden_layers
+    assert pinned == [False] * layers  # the rounded size does not fit
+    off.max_pinned_bytes = offload.pinned_size(nbytes)  # one input at a time
+    for _ in range(2):
+        pinned.clear()
+        _assert_same(_loss_and_grads(model, ids, labels), expected)
+        assert pinned == [True] + [False] * (layers - 1)  # the first layer's input each step, again
+    assert capsys.readouterr().out.count("cap of") == 1 and off.pinned_bytes == 0
 
 
 def test_host_memory_failure_keeps_inputs_on_device(tiny_llama, monkeypatch, capsys):
@@ -291,3 +321,19 @@ def test_lm_head_module_moves_output_not_the_weight():
     off.output_device, off.bias = torch.device("cpu"), torch.nn.Parameter(head.bias.double(), requires_grad=False)
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(off(x), head.double()(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_module_differentiable_in_its_input(dtype):
+    """A loss other than the fused one computes logits through the offloaded head with gradients on (LoRA below
+    it): d x = d logits @ W, W streamed again in backward (five blocks here, the last one short), summed in fp32."""
+    head = torch.nn.Linear(8, 37, bias=True).to(dtype).requires_grad_(False)
+    off = offload.OffloadedLMHead(head, "cpu")
+    off.BLOCK_BYTES = 8 * 8 * head.weight.element_size()  # 8 rows a block: 5 blocks
+    x = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().double().requires_grad_(True)
+    up = torch.randn(2, 3, 37, dtype=dtype)
+    off(x).backward(up)
+    torch.nn.functional.linear(x_ref, head.weight.double(), head.bias.double()).backward(up.double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert x.grad.dtype == dtype and rel_err(x.grad, x_ref.grad) <= tol
