@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import use_triton
+from . import on_device, use_triton
 
 try:
     import triton
@@ -164,8 +164,9 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = torch.empty(*w.shape[:-1], w.shape[-1] // BLOCK, 16, dtype=torch.uint8, device=w.device)
     scales = torch.empty(*w.shape[:-1], w.shape[-1] // BLOCK, dtype=torch.uint8, device=w.device)
     if n_groups:
-        _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, blocks, scales, x, n_groups, BLOCK_G=BLOCK_G,
-                                                                STORE_CODES=True, STORE_DECODED=False)
+        with on_device(x):
+            _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, blocks, scales, x, n_groups, BLOCK_G=BLOCK_G,
+                                                                    STORE_CODES=True, STORE_DECODED=False)
     return blocks, scales
 
 
@@ -183,6 +184,7 @@ def fake_quantize_mxfp4(w: torch.Tensor, dtype: torch.dtype | None = None) -> to
     out = torch.empty(w.shape, dtype=dtype, device=w.device)
     n_groups = x.numel() // BLOCK
     if n_groups:
-        _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, x, x, out, n_groups, BLOCK_G=BLOCK_G,
-                                                                STORE_CODES=False, STORE_DECODED=True)
+        with on_device(x):
+            _mxfp4_quant_kernel[(triton.cdiv(n_groups, BLOCK_G),)](x, x, x, out, n_groups, BLOCK_G=BLOCK_G,
+                                                                    STORE_CODES=False, STORE_DECODED=True)
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import use_triton
+from . import on_device, use_triton
 
 try:
     import triton
@@ -110,8 +110,9 @@ def dequantize_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype: t
     out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * 32, dtype=dtype, device=blocks.device)
     n_groups = scales.numel()
     if n_groups:
-        _dequantize_mxfp4_kernel[(triton.cdiv(n_groups, DEQUANT_BLOCK),)](blocks, scales, out, n_groups,
-                                                                           BLOCK=DEQUANT_BLOCK)
+        with on_device(blocks):
+            _dequantize_mxfp4_kernel[(triton.cdiv(n_groups, DEQUANT_BLOCK),)](blocks, scales, out, n_groups,
+                                                                               BLOCK=DEQUANT_BLOCK)
     return out
 
 

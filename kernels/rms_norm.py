@@ -42,7 +42,7 @@ import functools
 
 import torch
 
-from . import use_triton
+from . import on_device, use_triton
 
 try:
     import triton
@@ -140,8 +140,9 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         block, warps = launch_config(n_cols)
         if x2.shape[0]:
-            _rms_norm_fwd[(x2.shape[0],)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                          BLOCK=block, W_FP32=weight_in_fp32, num_warps=warps)
+            with on_device(x2):
+                _rms_norm_fwd[(x2.shape[0],)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                              BLOCK=block, W_FP32=weight_in_fp32, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.weight_in_fp32, ctx.shape = weight_in_fp32, shape
         return y.reshape(shape)
@@ -162,9 +163,10 @@ class _RMSNorm(torch.autograd.Function):
             per_program, programs, partial = 1, n_rows, rstd  # DW is never touched
         block, warps = launch_config(n_cols)
         if programs:
-            _rms_norm_bwd[(programs,)](x2, weight, dy2, rstd, dx, partial, x2.stride(0), dy2.stride(0),
-                                       dx.stride(0), n_rows, n_cols, per_program, BLOCK=block,
-                                       W_FP32=ctx.weight_in_fp32, HAS_DW=has_dw, num_warps=warps)
+            with on_device(x2):
+                _rms_norm_bwd[(programs,)](x2, weight, dy2, rstd, dx, partial, x2.stride(0), dy2.stride(0),
+                                           dx.stride(0), n_rows, n_cols, per_program, BLOCK=block,
+                                           W_FP32=ctx.weight_in_fp32, HAS_DW=has_dw, num_warps=warps)
         dw = None
         if has_dw:
             dw = partial.sum(0).to(weight.dtype) if programs else torch.zeros_like(weight)

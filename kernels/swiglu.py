@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import use_triton
+from . import on_device, use_triton
 
 try:
     import triton
@@ -91,8 +91,9 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = 
         with torch.no_grad():
             return out.copy_(swiglu_reference(g, u))
     if rows and cols:
-        _swiglu_fwd_kernel[(rows, triton.cdiv(cols, BLOCK))](g, u, out, cols, g.stride(0), u.stride(0), out.stride(0),
-                                                               BLOCK=BLOCK, **LAUNCH_OPTIONS)
+        with on_device(g):
+            _swiglu_fwd_kernel[(rows, triton.cdiv(cols, BLOCK))](g, u, out, cols, g.stride(0), u.stride(0),
+                                                                 out.stride(0), BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return out
 
 
@@ -109,9 +110,10 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dg: torc
             dh.copy_(a * u)
         return
     if rows and cols:
-        _swiglu_bwd_kernel[(rows, triton.cdiv(cols, BLOCK))](
-            dh, g, u, dg, du, cols, dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-            BLOCK=BLOCK, **LAUNCH_OPTIONS)
+        with on_device(g):
+            _swiglu_bwd_kernel[(rows, triton.cdiv(cols, BLOCK))](
+                dh, g, u, dg, du, cols, dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
+                BLOCK=BLOCK, **LAUNCH_OPTIONS)
 
 
 class SwiGLU(torch.autograd.Function):

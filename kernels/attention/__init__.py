@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from .. import use_triton
+from .. import on_device, use_triton
 from . import chunked, compiled, configs
 from .reference import attention_reference, attention_varlen_reference
 
@@ -68,13 +68,14 @@ def _fwd_triton(q, k, v, sinks, scale, causal, window, kv_start, cu=None):
     out = torch.empty_like(q)
     block_m, block_n, warps, stages = configs.pick("fwd", D, q.dtype, configs.capability(q.device))
     grid = (triton_cdiv(lq, block_m), B * Hq)
-    _attn_fwd[grid](q, k, v, out, lse, sinks if sinks is not None else _dummy(q.device, torch.float32),
-                    kv_start if kv_start is not None else _dummy(q.device), cu_q, cu_k,
-                    *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
-                    Hq, Hq // Hkv, lq, lk, D, scale, window or 0,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=configs.head_bucket(D), CAUSAL=causal,
-                    HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, HAS_KV_START=kv_start is not None,
-                    VARLEN=varlen, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    with on_device(q):
+        _attn_fwd[grid](q, k, v, out, lse, sinks if sinks is not None else _dummy(q.device, torch.float32),
+                        kv_start if kv_start is not None else _dummy(q.device), cu_q, cu_k,
+                        *strides(q), *strides(k), *strides(v), *strides(out), *lse_strides,
+                        Hq, Hq // Hkv, lq, lk, D, scale, window or 0,
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=configs.head_bucket(D), CAUSAL=causal,
+                        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, HAS_KV_START=kv_start is not None,
+                        VARLEN=varlen, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -100,17 +101,19 @@ def _bwd_triton(do, q, k, v, lse, delta, scale, causal, window, kv_start, cu=Non
     common = dict(BLOCK_D=configs.head_bucket(D), CAUSAL=causal, HAS_WINDOW=window is not None,
                   HAS_KV_START=kv_start is not None, VARLEN=varlen, PRECISION=_precision(q.dtype))
     block_m, block_n, warps, stages = configs.pick("dkdv", D, q.dtype, cc)
-    _attn_bwd_dkdv[(triton_cdiv(lk, block_n), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, kvs, cu_q, cu_k,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *lse_strides,
-        Hkv, Hq // Hkv, lq, lk, D, scale, window or 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    with on_device(q):
+        _attn_bwd_dkdv[(triton_cdiv(lk, block_n), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, kvs, cu_q, cu_k,
+            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *lse_strides,
+            Hkv, Hq // Hkv, lq, lk, D, scale, window or 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     block_m, block_n, warps, stages = configs.pick("dq", D, q.dtype, cc)
-    _attn_bwd_dq[(triton_cdiv(lq, block_m), B * Hq)](
-        q, k, v, do, lse, delta, dq, kvs, cu_q, cu_k,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *lse_strides,
-        Hq, Hq // Hkv, lq, lk, D, scale, window or 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    with on_device(q):
+        _attn_bwd_dq[(triton_cdiv(lq, block_m), B * Hq)](
+            q, k, v, do, lse, delta, dq, kvs, cu_q, cu_k,
+            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *lse_strides,
+            Hq, Hq // Hkv, lq, lk, D, scale, window or 0,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
 
@@ -321,16 +324,18 @@ def decode_attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, s
     part_o = torch.empty(B * Hkv * num_splits * block_r, block_d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(B * Hkv * num_splits * block_r, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    _attn_decode[(num_splits, B * Hkv)](
-        q, k, v, part_o, part_m, part_l, kv_start if kv_start is not None else _dummy(q.device),
-        kv_end if kv_end is not None else _dummy(q.device),
-        *_strides3(q), *_strides3(k), *_strides3(v), Hkv, num_splits, group, Lq, Lk, D, scale, window or 0, split,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window is not None,
-        HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, PRECISION=_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
+    with on_device(q):
+        _attn_decode[(num_splits, B * Hkv)](
+            q, k, v, part_o, part_m, part_l, kv_start if kv_start is not None else _dummy(q.device),
+            kv_end if kv_end is not None else _dummy(q.device),
+            *_strides3(q), *_strides3(k), *_strides3(v), Hkv, num_splits, group, Lq, Lk, D, scale, window or 0, split,
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window is not None,
+            HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, PRECISION=_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _attn_decode_combine[(B * Hkv,)](
-        part_o, part_m, part_l, sinks if sinks is not None else _dummy(q.device, torch.float32), out,
-        *_strides3(out), Hkv, num_splits, group, Lq, D, BLOCK_R=block_r, BLOCK_D=block_d,
-        HAS_SINKS=sinks is not None, num_warps=4)
+    with on_device(q):
+        _attn_decode_combine[(B * Hkv,)](
+            part_o, part_m, part_l, sinks if sinks is not None else _dummy(q.device, torch.float32), out,
+            *_strides3(out), Hkv, num_splits, group, Lq, D, BLOCK_R=block_r, BLOCK_D=block_d,
+            HAS_SINKS=sinks is not None, num_warps=4)
     return out
