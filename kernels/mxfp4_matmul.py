@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import use_triton
+from . import on_device, use_triton
 from .mxfp4 import _check, dequantize_mxfp4_reference
 
 try:
@@ -98,17 +98,23 @@ if triton is not None:
 
 
 def tile_table(counts: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One tile per BLOCK_M rows of each expert that owns rows: (expert, first row, end row), int32 each."""
-    expert, start, end = [], [], []
+    """One tile per BLOCK_M rows of each expert that owns rows: (expert, first row, end row), int32 each.
+
+    The three are rows of one table built on the host and sent to `device` in one copy: on CUDA from pinned
+    memory without blocking (three `torch.tensor(list, device=cuda)` would be three blocking copies per launch).
+    """
+    table = [[], [], []]  # expert, start, end
     offset = 0
     for e, c in enumerate(counts):
         for s in range(offset, offset + c, block_m):
-            expert.append(e)
-            start.append(s)
-            end.append(offset + c)
+            table[0].append(e)
+            table[1].append(s)
+            table[2].append(offset + c)
         offset += c
-    as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-    return as_t(expert), as_t(start), as_t(end)
+    host = torch.tensor(table, dtype=torch.int32)
+    device = torch.device(device)
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    return table[0], table[1], table[2]
 
 
 def max_tiles(rows: int, experts: int, block_m: int) -> int:
@@ -135,28 +141,38 @@ def tile_table_device(counts: torch.Tensor, rows: int, block_m: int) -> tuple[to
     return as_i32(expert), as_i32(start), as_i32(end)
 
 
-def _launch(x: torch.Tensor, blocks, scales, bias, counts, transpose: bool) -> torch.Tensor:
+def _tiles(rows: int, experts: int, counts, device) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+    """(config, tile table) for `rows` rows split by `counts`; the same in both directions, so backward reuses
+    forward's. Device counts are never read: config and table size come from the row and expert numbers alone."""
+    if isinstance(counts, torch.Tensor):
+        config = pick_config(rows, min(experts, rows))
+        return config, tile_table_device(counts, rows, config[0])
+    config = pick_config(rows, sum(c > 0 for c in counts))
+    return config, tile_table(counts, config[0], device)
+
+
+def _launch(x: torch.Tensor, blocks, scales, bias, tiles: tuple, rows_past_counts: bool,
+            transpose: bool) -> torch.Tensor:
+    """Run the kernel over a `_tiles` table. The kernel indexes x's rows by stride and blocks, scales and bias as
+    dense: they are made contiguous here (free for the checkpoint's buffers, a copy for a strided view)."""
+    (bm, bn, bk, warps, stages), (te, ts, tend) = tiles
     E, N, G, _ = blocks.shape
     K = G * 32
     R = x.shape[0]
-    x = x.contiguous()
-    on_device = isinstance(counts, torch.Tensor)
-    out = (torch.zeros if on_device else torch.empty)(R, K if transpose else N, dtype=x.dtype, device=x.device)
+    x, blocks, scales = x.contiguous(), blocks.contiguous(), scales.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    out = (torch.zeros if rows_past_counts else torch.empty)(R, K if transpose else N, dtype=x.dtype,
+                                                             device=x.device)
     if R == 0:
         return out
-    if on_device:  # no host read: config and table size from R and E alone
-        bm, bn, bk, warps, stages = pick_config(R, min(E, R))
-        te, ts, tend = tile_table_device(counts, R, bm)
-    else:
-        bm, bn, bk, warps, stages = pick_config(R, sum(c > 0 for c in counts))
-        te, ts, tend = tile_table(counts, bm, x.device)
     if te.numel() == 0:
         return out.zero_()
     grid = (te.numel(), triton.cdiv(K, bk) if transpose else triton.cdiv(N, bn))
-    _grouped_mxfp4_matmul[grid](
-        x, blocks, scales, bias if bias is not None else x, out, te, ts, tend, N, K, x.stride(0), out.stride(0),
-        TRANSPOSE=transpose, HAS_BIAS=bias is not None and not transpose, IEEE=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    with on_device(x):
+        _grouped_mxfp4_matmul[grid](
+            x, blocks, scales, bias if bias is not None else x, out, te, ts, tend, N, K, x.stride(0), out.stride(0),
+            TRANSPOSE=transpose, HAS_BIAS=bias is not None and not transpose, IEEE=x.dtype == torch.float32,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -164,13 +180,16 @@ class GroupedMxfp4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, blocks, scales, bias, counts):
         ctx.save_for_backward(blocks, scales)
-        ctx.counts = counts
-        return _launch(x, blocks, scales, bias, counts, transpose=False)
+        ctx.tiles = _tiles(x.shape[0], blocks.shape[0], counts, x.device)
+        ctx.rows_past_counts = isinstance(counts, torch.Tensor)  # tensor counts may sum to less than R
+        return _launch(x, blocks, scales, bias, ctx.tiles, ctx.rows_past_counts, transpose=False)
 
     @staticmethod
     def backward(ctx, dy):
         blocks, scales = ctx.saved_tensors
-        dx = _launch(dy, blocks, scales, None, ctx.counts, transpose=True) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _launch(dy, blocks, scales, None, ctx.tiles, ctx.rows_past_counts, transpose=True)
         return dx, None, None, None, None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .data import parse_response
+from .offload import _model_device
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, bat
     # transformers' aux-loss code breaks on the KV-cache steps; generation never needs it.
     router_logits = getattr(model.config, "output_router_logits", False)
     model.config.output_router_logits = False
-    device = next(model.parameters()).device
+    device = _model_device(model)
     out = []
     try:
         for i in range(0, len(prompts), batch_size):

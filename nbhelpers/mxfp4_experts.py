@@ -1,7 +1,8 @@
 """`Mxfp4Experts`: a drop-in for transformers' GptOssExperts that keeps the checkpoint's MXFP4 bytes and trains LoRA.
 
 It holds `gate_up_proj_blocks/_scales` and `down_proj_blocks/_scales` exactly as the checkpoint stores them (uint8
-buffers, never upcast), the two biases as frozen parameters, and per-adapter LoRA factors for every expert:
+buffers, never upcast), the two biases as frozen parameters, and per-adapter LoRA factors for every expert (fp32
+on a 16-bit model, as peft keeps its own LoRA):
 
     lora_gate_up_A[name] [E, r, H]   lora_gate_up_B[name] [E, 2I, r]
     lora_down_A[name]    [E, r, I]   lora_down_B[name]    [E, H, r]      scaling alpha / r
@@ -22,6 +23,12 @@ from torch import nn
 from .kernels.moe import moe_experts
 
 LORA_FACTORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+def lora_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """fp32 for a 16-bit model, as peft upcasts its own LoRA: fp16 factors would get fp16 gradients, which
+    Trainer(fp16=True)'s grad scaler refuses to unscale ("Attempting to unscale FP16 gradients")."""
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
 
 
 class ExpertLora(nn.Module, BaseTunerLayer):
@@ -97,14 +104,14 @@ class Mxfp4Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, dtype=dtype), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H, dtype=dtype), requires_grad=False)
         self.lora = None  # an ExpertLora, created by update_layer (after peft has wrapped the model)
-        self.calls = 0  # forward calls, for tests and benchmarks
+        self.calls = 0  # eager forward calls, for tests and benchmarks (never counted while compiling)
 
     def update_layer(self, adapter_name: str = "default", r: int = 16, lora_alpha: float = 32,
                      init_lora_weights: bool = True) -> None:
-        """Give every expert LoRA factors of rank r for `adapter_name` (in the biases' dtype and device)."""
+        """Give every expert LoRA factors of rank r for `adapter_name` on the biases' device, in `lora_dtype`."""
         if self.lora is None:
             self.lora = ExpertLora(self.num_experts, self.hidden_size, self.intermediate_size)
-        self.lora.update_layer(adapter_name, r, lora_alpha, self.gate_up_proj_bias.dtype,
+        self.lora.update_layer(adapter_name, r, lora_alpha, lora_dtype(self.gate_up_proj_bias.dtype),
                                self.gate_up_proj_bias.device, init_lora_weights)
 
     @property
@@ -120,7 +127,8 @@ class Mxfp4Experts(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         if routing_weights.shape != router_indices.shape:  # older transformers pass dense scores [T, E]
             routing_weights = routing_weights.gather(-1, router_indices.long())
-        self.calls += 1
+        if not torch.compiler.is_compiling():  # a plain-int attribute changed per call would recompile every step
+            self.calls += 1
         out = moe_experts(x, router_indices, routing_weights,
                           (self.gate_up_proj_blocks, self.gate_up_proj_scales, self.gate_up_proj_bias),
                           (self.down_proj_blocks, self.down_proj_scales, self.down_proj_bias),

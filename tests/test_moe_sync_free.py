@@ -368,3 +368,17 @@ def test_compiled_decode_step_is_one_graph_with_the_moe_op(interpreter_everywher
     assert ops.count(torch.ops.nbhelpers.moe_experts.default) == model.config.num_hidden_layers * len(graphs)
     assert torch.equal(got.sequences, want.sequences)
     assert max(_rel(a, b) for a, b in zip(got.logits, want.logits)) <= 1e-5
+
+
+def test_list_counts_copy_one_tile_table_per_step(fake_triton):
+    """With list counts the tile table crosses from the host once per forward, as one tensor, and the backward
+    reuses it (no second build, no second copy)."""
+    from nbhelpers.kernels.mxfp4_matmul import grouped_mxfp4_matmul
+
+    blocks, scales, bias = _proj(3, 8, 32, torch.Generator().manual_seed(0))
+    x = torch.randn(5, 32, requires_grad=True)
+    with HostTraffic() as traffic:
+        y = grouped_mxfp4_matmul(x, blocks, scales, bias, [2, 0, 3])
+        y.backward(torch.ones_like(y))
+    assert fake_triton.launches == 2
+    assert traffic.seen.count("aten.lift_fresh.default") == 1, traffic.seen

@@ -128,3 +128,54 @@ def test_speed_up_trainer_gives_nbhelpers_attention_the_static_cache(tiny, tmp_p
         assert trainer.state.global_step == 1
     finally:
         model.set_attn_implementation(before)
+
+
+@pytest.fixture
+def table_elsewhere(tiny_gpt_oss):
+    """A tiny gpt-oss whose input embedding table sits on another device than its layers (`meta` here, as
+    `offload_embeddings` leaves the table on the CPU beside a model on a GPU): its first parameter is not where it
+    computes. `generate` and `forward` are replaced by recorders of the device the input ids arrive on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt_oss, dtype=torch.float32)
+    model.get_input_embeddings().requires_grad_(False).to("meta")
+    assert next(model.parameters()).device.type == "meta"
+    seen = []
+
+    def generate(input_ids, **kwargs):
+        seen.append(input_ids.device)
+        return input_ids
+
+    def forward(input_ids, **kwargs):
+        seen.append(input_ids.device)
+        logits = torch.zeros(*input_ids.shape, model.config.vocab_size, device=input_ids.device, requires_grad=True)
+        return SimpleNamespace(logits=logits, loss=logits.sum())
+
+    model.generate, model.forward = generate, forward
+    return model, AutoTokenizer.from_pretrained(tiny_gpt_oss), seen
+
+
+def test_inputs_go_where_the_layers_compute(table_elsewhere, monkeypatch):
+    """Prompts and batches go to the decoder layers' device, not to the first parameter's (the embedding table)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    import nbhelpers.evaluate as evaluate
+    from nbhelpers.qat.notebook import heldout_loss, train_loop
+    from nbhelpers.rl import rollout
+
+    model, tok, seen = table_elsewhere
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
+    rollout.generate(model, tok, ["a b"], max_new_tokens=1)
+    assert rollout._compile_works(model, tok, {})
+    evaluate.generate(model, tok, ["a b"], max_new_tokens=1)
+    heldout_loss(model, rows)
+    train_loop(model, rows, steps=1, lr=1e-3, batch_size=1)
+    settings_device = []
+    monkeypatch.setattr(rollout, "rollout_settings", lambda device, **kw: settings_device.append(device) or {})
+    trainer = SimpleNamespace(model=model, processing_class=tok, generation_config=GenerationConfig())
+    rollout.speed_up_trainer(trainer)
+    assert seen == [torch.device("cpu")] * 5 and settings_device == [torch.device("cpu")]

@@ -9,6 +9,7 @@ import torch
 from ..data import NUMBER_WORDS
 from .formats import fake_quantize_values
 from ..mxfp4_experts import Mxfp4Experts
+from ..offload import _model_device
 from .train import EXPERT_PARAMS, _base, _is_experts
 
 # Frequent function words per language (the languages of HuggingFaceH4/Multilingual-Thinking), plus the toy
@@ -53,7 +54,7 @@ def language_share(model, tokenizer, rows: list[dict], max_new_tokens: int = 64,
 def heldout_loss(model, dataset, batch_size: int = 8) -> float:
     """Mean cross-entropy per answer token over a tokenized dataset (`input_ids`, `labels`)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = _model_device(model)
     total, count = 0.0, 0
     rows = list(dataset)
     for i in range(0, len(rows), batch_size):
@@ -130,7 +131,7 @@ def train_loop(model, dataset, *, steps: int, lr: float, batch_size: int, grad_a
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + torch.cos(torch.tensor(torch.pi * min(s, steps) / max(steps, 1))).item()))
-    device = next(model.parameters()).device
+    device = _model_device(model)
     gen = torch.Generator().manual_seed(seed)
     rows = list(dataset)
     order, pos, log, running = torch.randperm(len(rows), generator=gen).tolist(), 0, [], []

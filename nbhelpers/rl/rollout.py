@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..offload import _model_device
+
 
 def rollout_settings(device, static_cache: bool = True, compile: bool | None = None) -> dict:
     """Keyword arguments for `model.generate`: a static cache, and (CUDA by default) a compiled decode step."""
@@ -52,7 +54,7 @@ def prepare_for_rollouts(model, tokenizer, attn_implementation: str | None = Non
 
 def _compile_works(model, tokenizer, settings: dict) -> bool:
     """A two-token trial generation with the compiled decode step; False (and why) if it fails."""
-    device = next(model.parameters()).device
+    device = _model_device(model)
     enc = tokenizer(["a", "a b c"], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     try:
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings)
@@ -68,7 +70,7 @@ def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
     Returns the settings applied.
     """
     model = trainer.model
-    device = next(model.parameters()).device
+    device = _model_device(model)
     settings = rollout_settings(device, compile=compile)  # any attention, "nbhelpers" included
     if "compile_config" in settings and not _compile_works(model, trainer.processing_class, settings):
         settings = rollout_settings(device, compile=False)
@@ -86,7 +88,7 @@ def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, settings: dict | None = None,
              do_sample: bool = False, temperature: float = 1.0, skip_special_tokens: bool = True) -> list[str]:
     """Completions of exact model-input prompts, batched with left padding; `settings` from `rollout_settings`."""
-    device = next(model.parameters()).device
+    device = _model_device(model)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     router = getattr(model.config, "output_router_logits", False)
     model.config.output_router_logits = False  # MoE aux loss is a training-time quantity

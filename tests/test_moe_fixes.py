@@ -1,0 +1,96 @@
+"""MXFP4 experts in the settings a notebook meets them in: a compiled decode step (no recompile per call), a model
+loaded in fp16 (fp32 LoRA factors, as the grad scaler needs), and expert weights that are views (non-contiguous)."""
+import importlib
+
+import pytest
+import torch
+
+import nbhelpers as nb
+
+KERNEL_MODULES = ("nbhelpers.kernels.mxfp4", "nbhelpers.kernels.mxfp4_matmul", "nbhelpers.kernels.moe")
+
+
+def _reload():
+    return dict(zip(("mxfp4", "matmul", "moe"), (importlib.reload(importlib.import_module(m))
+                                                  for m in KERNEL_MODULES)))
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    """Kernel modules re-imported with TRITON_INTERPRET=1 (triton picks the interpreter when it decorates)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield _reload()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    _reload()
+
+
+@pytest.fixture(scope="module")
+def tiny_mxfp4():
+    return nb.build_tiny("gpt_oss_mxfp4")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def test_compiled_moe_layer_compiles_once(tiny_mxfp4):
+    """torch.compile guards on plain-int module attributes: a counter bumped in forward would recompile the MoE
+    layer on every decode step (and dynamo gives up after 8). Ten compiled steps: one graph, eager calls counted."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, _ = nb.load_model(tiny_mxfp4, quantization="mxfp4", device="cpu", dtype=torch.float32)
+    mlp = model.model.layers[0].mlp
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(mlp, backend=counter, dynamic=False)
+    x = torch.randn(2, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = mlp(x)
+        for _ in range(10):
+            got = compiled(x)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    assert _rel(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want) <= 1e-6
+    assert mlp.experts.calls == 1  # the eager call; compiled calls are not counted
+
+
+def test_expert_lora_is_fp32_on_an_fp16_model(tiny_mxfp4):
+    """peft keeps LoRA in fp32 on a 16-bit model; the expert factors must too, or Trainer(fp16=True)'s grad scaler
+    refuses their fp16 gradients ("Attempting to unscale FP16 gradients")."""
+    model, _ = nb.load_model(tiny_mxfp4, quantization="mxfp4", device="cpu", dtype=torch.float16)
+    assert model.model.layers[0].mlp.experts.gate_up_proj_bias.dtype == torch.float16
+    model = nb.add_lora(model, r=4, alpha=8)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(".mlp.experts.lora." in n for n in trainable) == 4 * model.config.num_hidden_layers
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    opt = torch.optim.SGD(list(trainable.values()), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    scaler.scale(model(ids, labels=ids).loss).backward()
+    scaler.unscale_(opt)
+    grads = [p.grad for n, p in trainable.items() if ".mlp.experts.lora." in n and "_B." in n]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_grouped_matmul_takes_non_contiguous_weights(interp):
+    """Blocks, scales and bias as strided views (every other output row of larger buffers): the kernel indexes
+    them as dense, so they must be made contiguous before the launch."""
+    mm = interp["matmul"]
+    g = torch.Generator().manual_seed(0)
+    E, N, K = 3, 24, 64
+    big_blocks = torch.randint(0, 256, (E, 2 * N, K // 32, 16), dtype=torch.uint8, generator=g)
+    big_scales = torch.randint(121, 126, (E, 2 * N, K // 32), dtype=torch.uint8, generator=g)
+    big_bias = torch.randn(E, 2 * N, generator=g)
+    blocks, scales, bias = big_blocks[:, 1::2], big_scales[:, 1::2], big_bias[:, 1::2]
+    assert not (blocks.is_contiguous() or scales.is_contiguous() or bias.is_contiguous())
+    counts = [4, 0, 3]
+    x = torch.randn(7, K, generator=g, requires_grad=True)
+    y = mm.grouped_mxfp4_matmul(x, blocks, scales, bias, counts)
+    ref = mm.grouped_mxfp4_matmul_reference(x, blocks.contiguous(), scales.contiguous(), bias.contiguous(), counts)
+    assert _rel(y, ref) <= 1e-5
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (want,) = torch.autograd.grad(ref, x, dy)
+    assert _rel(dx, want) <= 1e-5
