@@ -1,27 +1,10 @@
 """MXFP4 experts in the settings a notebook meets them in: a compiled decode step (no recompile per call), a model
 loaded in fp16 (fp32 LoRA factors, as the grad scaler needs), and expert weights that are views (non-contiguous)."""
-import importlib
-
 import pytest
 import torch
+from test_moe_sync_free import interp  # noqa: F401 (the fixture: kernel modules under the Triton interpreter)
 
 import nbhelpers as nb
-
-KERNEL_MODULES = ("nbhelpers.kernels.mxfp4", "nbhelpers.kernels.mxfp4_matmul", "nbhelpers.kernels.moe")
-
-
-def _reload():
-    return dict(zip(("mxfp4", "matmul", "moe"), (importlib.reload(importlib.import_module(m))
-                                                  for m in KERNEL_MODULES)))
-
-
-@pytest.fixture
-def interp(monkeypatch):
-    """Kernel modules re-imported with TRITON_INTERPRET=1 (triton picks the interpreter when it decorates)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield _reload()
-    monkeypatch.delenv("TRITON_INTERPRET")
-    _reload()
 
 
 @pytest.fixture(scope="module")
