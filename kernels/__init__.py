@@ -32,6 +32,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """torch.autocast's dtype for ops on `t`'s device when autocast is on there, else None. Our ops stand in for
+    modules autocast would cast for (a Linear, bitsandbytes' F.linear), so they take this dtype and run with
+    autocast off inside."""
+    kind = t.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def on_device(t: torch.Tensor):
     """The context a kernel launch for `t` runs in: Triton launches on torch's *current* CUDA device and its stream,
     so a model on `cuda:1` (or split over two GPUs by `device_map="auto"`) needs its device made current."""

@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import on_device, use_triton
+from . import autocast_dtype, on_device, use_triton
 
 try:
     import triton
@@ -192,9 +192,6 @@ def _grad_cols(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Ten
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 accumulation and an fp32 result (a [M, K], b [K, N])."""
-    if a.dtype != b.dtype:  # mixed operands (no autocast deciding): the wider of the two
-        dtype = torch.promote_types(a.dtype, b.dtype)
-        a, b = a.to(dtype), b.to(dtype)
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
@@ -229,10 +226,7 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype of the matmuls' operands. Under torch.autocast the op stands in for the head's Linear and takes
     autocast's dtype, as that Linear would (an fp32 trainable head under fp16/bf16 autocast computes in fp16/bf16,
     and its gradient still comes back in fp32); otherwise the wider of hidden's and weight's dtypes."""
-    kind = hidden.device.type
-    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+    return autocast_dtype(hidden) or torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -263,8 +257,8 @@ def _chunks(n, v, hidden, weight, chunk_bytes, need_dw):
     return rows, cols
 
 
-def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats=False,
-             need_dh=True, mm_dtype=None):
+def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats, need_dh,
+             mm_dtype):
     """Run all chunks. `scale` [N] fp32 (per-row gradient factor) or None for the loss only. `mm_dtype`: the
     matmuls' operand dtype (`_compute_dtype`).
 
@@ -280,7 +274,6 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
     dh = torch.empty(hidden.shape, device=hidden.device, dtype=_grad_dtype(hidden.dtype)) if grads and need_dh \
         else None
     db = torch.zeros(v, device=hidden.device, dtype=torch.float32) if grads and need_db else None
-    mm_dtype = mm_dtype or torch.promote_types(hidden.dtype, weight.dtype)
     w = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)  # the operand (dW keeps weight's dtype)
     late = grads and mm_dtype == torch.float16  # fp16: the row scale is applied after the matmul, in fp32
     # token pass: loss, lse (+ stats); dh and db when there is a gradient
@@ -389,12 +382,11 @@ def _stream_cols(n: int, h: int, weight: torch.Tensor, chunk_bytes: int | None, 
     return _round(max(1, min(weight.shape[0], budget // per_col)))
 
 
-def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stats=False, mm_dtype=None):
+def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stats, mm_dtype):
     """`_process` for a frozen weight streamed from wherever it lives (one pass over the vocabulary, see the module
     docstring). Returns loss, lse, entropy, is_top1, dh (with `scale`)."""
     n, h = hidden.shape
     dev = hidden.device
-    mm_dtype = mm_dtype or torch.promote_types(hidden.dtype, weight.dtype)
     hidden_dtype, hidden = hidden.dtype, hidden.to(mm_dtype)
     cols = _stream_cols(n, h, weight, chunk_bytes, dev.type == "cuda")
     f32 = dict(device=dev, dtype=torch.float32)
@@ -440,7 +432,7 @@ def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_b
 
 
 def _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream, need_dw=False, need_db=False,
-         stats=False, need_dh=True, mm_dtype=None):
+         stats=False, need_dh=True, *, mm_dtype):
     """`_process`, or `_process_streamed` for a streamed head (which has no dW / db: it is frozen), with autocast
     off inside (the operands' dtype is `mm_dtype`, decided by the caller; the fp32 math must stay fp32)."""
     with torch.autocast(hidden.device.type, enabled=False):

@@ -22,6 +22,7 @@ import types
 
 import torch
 
+from .kernels import autocast_dtype
 from .kernels.cross_entropy import fused_linear_cross_entropy, token_logprobs, token_stats
 from .offload import OffloadedLMHead
 
@@ -269,9 +270,9 @@ def _op_dtype(base, x) -> torch.dtype:
     """The dtype bitsandbytes' `Linear4bit` would compute this call in: under torch.autocast, autocast's (its
     F.linear is autocast); otherwise its `compute_dtype`, which its first forward sets from the input
     (`set_compute_type`: an fp32 or bf16 input takes over the default fp32). Our ops then run with autocast off."""
-    kind = x.device.type
-    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        return dtype
     if not getattr(base, "compute_type_is_set", True):
         base.set_compute_type(x)
         base.compute_type_is_set = True

@@ -93,6 +93,9 @@ class HostOffloader:
             self.pin_memory = False
             msg = (f"offloaded checkpointing: {reason}; falling back to pageable host memory "
                    "(synchronous copies: slower, same GPU memory saved).")
+        self._say(msg)
+
+    def _say(self, msg: str) -> None:
         self.fallback_reason = msg
         if self.verbose:
             print(msg)
@@ -102,11 +105,9 @@ class HostOffloader:
         if self.pin_memory:
             if self.max_pinned_bytes is not None and self.pinned_bytes + nbytes > self.max_pinned_bytes:
                 if self.fallback_reason is None:  # this input goes to pageable memory; later ones may fit again
-                    self.fallback_reason = (f"offloaded checkpointing: pinned host memory cap of "
-                                            f"{self.max_pinned_bytes / GB:.2f} GB reached; the inputs beyond it go to "
-                                            "pageable host memory (synchronous copies: slower, same GPU memory saved).")
-                    if self.verbose:
-                        print(self.fallback_reason)
+                    self._say(f"offloaded checkpointing: pinned host memory cap of {self.max_pinned_bytes / GB:.2f} GB "
+                              "reached; the inputs beyond it go to pageable host memory (synchronous copies: slower, "
+                              "same GPU memory saved).")
             else:
                 try:
                     buf = self._empty(t, pin_memory=True)

@@ -2,18 +2,15 @@
 loaded in fp16 (fp32 LoRA factors, as the grad scaler needs), and expert weights that are views (non-contiguous)."""
 import pytest
 import torch
-from test_moe_sync_free import interp  # noqa: F401 (the fixture: kernel modules under the Triton interpreter)
 
 import nbhelpers as nb
+from numerics import rel_err
+from test_moe_sync_free import interp  # noqa: F401 (the fixture: kernel modules under the Triton interpreter)
 
 
 @pytest.fixture(scope="module")
 def tiny_mxfp4():
     return nb.build_tiny("gpt_oss_mxfp4")
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 def test_compiled_moe_layer_compiles_once(tiny_mxfp4):
@@ -33,7 +30,7 @@ def test_compiled_moe_layer_compiles_once(tiny_mxfp4):
             got = compiled(x)
     torch._dynamo.reset()
     assert counter.frame_count == 1
-    assert _rel(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want) <= 1e-6
+    assert rel_err(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want) <= 1e-6
     assert mlp.experts.calls == 1  # the eager call; compiled calls are not counted
 
 
@@ -72,8 +69,8 @@ def test_grouped_matmul_takes_non_contiguous_weights(interp):
     x = torch.randn(7, K, generator=g, requires_grad=True)
     y = mm.grouped_mxfp4_matmul(x, blocks, scales, bias, counts)
     ref = mm.grouped_mxfp4_matmul_reference(x, blocks.contiguous(), scales.contiguous(), bias.contiguous(), counts)
-    assert _rel(y, ref) <= 1e-5
+    assert rel_err(y, ref) <= 1e-5
     dy = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, dy)
     (want,) = torch.autograd.grad(ref, x, dy)
-    assert _rel(dx, want) <= 1e-5
+    assert rel_err(dx, want) <= 1e-5
