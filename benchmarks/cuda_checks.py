@@ -7,6 +7,7 @@
   SwiGLU (Triton) vs torch's silu(g) * u; the fused NF4 LoRA MLP and q/k/v ops vs plain autograd; RMSNorm (Triton)
   vs transformers' LlamaRMSNorm and GptOssRMSNorm, forward and backward
   decoder layers' weights offloaded to pinned host memory (offload_layer_weights) vs resident: same loss and grads
+  page-locked host copies at their own size (nbhelpers.pinned): is_pinned, asynchronous copies, host memory taken
 
   python benchmarks/cuda_checks.py
 """
@@ -16,6 +17,7 @@ import torch
 
 from nbhelpers.kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy, token_logprobs, \
     token_logprobs_reference
+from nbhelpers.pinned import pinned_copy
 
 
 def rel(a, b):
@@ -83,7 +85,7 @@ def check_streamed_head(dev):
         w = (torch.randn(v, h, generator=g) * 0.05).to(dtype)
         y = torch.randint(0, v, (n,), generator=g).to(dev)
         y[::3] = -100
-        host = w.pin_memory()
+        host = pinned_copy(w)
         res = []
         for weight, kw in ((host, dict(chunk_bytes=8 * 2**20)), (w.to(dev), {})):
             x = hid.clone().requires_grad_(True)
@@ -106,6 +108,53 @@ def check_streamed_head(dev):
             err = rel(off(hid[:64]), head(hid[:64]))
         ok &= err <= (1e-6 if dtype == torch.float32 else 1e-2)
         print(f"OffloadedLMHead forward {dtype}: rel err vs the resident head {err:.2e}")
+    return ok
+
+
+def check_pinned(dev):
+    """`pinned_copy` on a GPU: registered pages count as pinned, a non-blocking copy from them returns before it
+    finishes and lands the same bytes, the process's resident memory grows by the tensor's size (against what
+    torch's `pin_memory` takes), and dropping the tensor gives it back. The tensor is gpt-oss's LM head (1.16 GB
+    in bf16)."""
+    import gc
+    import time
+
+    import psutil
+
+    from nbhelpers import pinned
+
+    rss = psutil.Process().memory_info
+    w = torch.randn(201_088, 2880, dtype=torch.bfloat16)
+    nbytes = w.numel() * w.element_size()
+    gc.collect()
+    rss0 = rss().rss
+    host = pinned.pinned_copy(w)
+    grew = rss().rss - rss0
+    out = torch.empty_like(w, device=dev)
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start = time.perf_counter()
+    t0.record()
+    out.copy_(host, non_blocking=True)
+    t1.record()
+    enqueue_ms = (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    copy_ms = t0.elapsed_time(t1)
+    same = torch.equal(out.cpu(), w)
+    is_pinned = host.is_pinned()
+    del host
+    gc.collect()
+    back = rss0 + grew - rss().rss
+    rss1 = rss().rss
+    theirs = w.pin_memory()
+    torch_grew = rss().rss - rss1
+    del theirs
+    ok = is_pinned and same and enqueue_ms < 0.5 * copy_ms and abs(grew - nbytes) < 0.02 * nbytes \
+        and back > 0.9 * nbytes
+    print(f"pinned_copy: is_pinned {is_pinned}, same bytes {same}; copy enqueued in {enqueue_ms:.2f} ms, ran "
+          f"{copy_ms:.1f} ms ({nbytes / copy_ms / 1e6:.1f} GB/s); resident memory +{grew / 2**20:.0f} MiB for "
+          f"{nbytes / 2**20:.0f} MiB, {back / 2**20:.0f} MiB given back when freed; torch's pin_memory: "
+          f"+{torch_grew / 2**20:.0f} MiB")
     return ok
 
 
@@ -288,6 +337,7 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     ok = check_ce(dev)
     ok &= check_streamed_head(dev)
+    ok &= check_pinned(dev)
     try:
         ok &= check_nf4(dev)
         ok &= check_fused(dev)

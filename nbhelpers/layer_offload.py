@@ -17,7 +17,9 @@ host-to-GPU traffic: every layer's weights cross PCIe twice per step (2 x 3.35 G
 What moves: every frozen tensor of a decoder layer of at least `min_bytes` (64 KiB): plain linear weights (the
 parameter's `.data` is swapped, so peft and bitsandbytes keep their references), bitsandbytes NF4 weights and the
 large parts of their quantization state (absmax), and MXFP4 expert blocks and scales (buffers). What stays:
-trainable parameters (LoRA: the optimizer updates them where they are) and small tensors (norms, biases, sinks).
+trainable parameters (LoRA: the optimizer updates them where they are), small tensors (norms, biases, sinks), and
+tensors that more than one decoder layer uses (a block shared between layers, as in Zamba). Host copies are
+page-locked at their own size (`nbhelpers.pinned`), and `restore_layer_weights` frees them.
 
 Schedule, in each decoder layer's forward pre-hook (it also runs when backward recomputes the layer):
   1. hand layer i's copies over: the compute stream waits for their copy event, then the layer's tensors point at
@@ -50,6 +52,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .fast import _nf4_lora_ready
 from .offload import GB, _model_device, _unwrap, decoder_layers
+from .pinned import host_copy
 
 MIN_BYTES = 64 * 2**10
 # transformers before ~5.2x checkpointed a layer's `__call__`, so its forward hooks ran inside the checkpoint
@@ -104,6 +107,21 @@ def _slots(layer: nn.Module, min_bytes: int, stay: list) -> list:
     return slots
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _shared(per_layer: list) -> set:
+    """Storages that slots of more than one layer point into (weights shared between decoder layers, as in Zamba).
+    They stay on the device: handing layer i over would point them at i's copies, and putting another layer back
+    would point them at its host copy while layer i still computes with them."""
+    layers_of = {}
+    for k, slots in enumerate(per_layer):
+        for o, a in slots:
+            layers_of.setdefault(_storage(getattr(o, a)), set()).add(k)
+    return {key for key, ks in layers_of.items() if len(ks) > 1}
+
+
 class _Layer:
     """One layer's offloaded tensors: where they live (slots), their host copies, and the device copies if any."""
 
@@ -139,11 +157,17 @@ class LayerWeightOffload:
         self._side = torch.cuda.Stream(self.device) if self.cuda else None
         self._warned = False
         self.unrouted = 0  # bitsandbytes linears left on the device (see `_slots`)
+        per_layer = []
         for module in self.modules:
             stay = _bnb_forward_linears(module)
             self.unrouted += len(stay)
-            slots = _slots(module, min_bytes, stay)
-            self.layers.append(_Layer(slots, [self._host(getattr(o, a)) for o, a in slots]))
+            per_layer.append(_slots(module, min_bytes, stay))
+        shared = _shared(per_layer)
+        self.shared = 0  # tensors left on the device because more than one decoder layer uses them
+        for slots in per_layer:
+            kept = [(o, a) for o, a in slots if _storage(getattr(o, a)) not in shared]
+            self.shared += len(slots) - len(kept)
+            self.layers.append(_Layer(kept, [self._host(getattr(o, a)) for o, a in kept]))
         for layer in self.layers:
             self._rest(layer)
         self._inside = None  # the layer whose checkpointed function is running
@@ -154,15 +178,8 @@ class LayerWeightOffload:
 
     # -- host copies ---------------------------------------------------------------------------------------------
     def _host(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to("cpu")
-        if self.pinned:
-            try:
-                return t.pin_memory()
-            except RuntimeError as err:  # pinned memory capped or unavailable: pageable, synchronous copies
-                self.pinned = False
-                print(f"layer weight offload: pinned memory unavailable ({str(err).splitlines()[0]}); copies "
-                      "will not overlap compute")
-        return t
+        host, self.pinned = host_copy(t, self.pinned, "layer weight offload")
+        return host
 
     @staticmethod
     def _point(layer: _Layer, tensors) -> None:
@@ -306,8 +323,9 @@ class LayerWeightOffload:
             if self._ours(module):
                 module._gradient_checkpointing_func = module._gradient_checkpointing_func._nbhelpers_layer_offload[1]
         for layer in self.layers:
-            self._point(layer, [h.to(self.device) for h in layer.hosts])
-            layer.copies, layer.event, layer.in_use = None, None, False
+            self._point(layer, [h.to(self.device, copy=True) for h in layer.hosts])  # copy: also on a CPU device
+            # the host copies go now (their pinned pages with them), not when the caller drops this object
+            layer.hosts, layer.copies, layer.event, layer.in_use = [], None, None, False
 
 
 def offload_layer_weights(model, device: torch.device | str | None = None, min_bytes: int = MIN_BYTES,
@@ -327,6 +345,9 @@ def offload_layer_weights(model, device: torch.device | str | None = None, min_b
         total = sum(layer.nbytes for layer in off.layers)
         print(f"layer weights in host memory: {total / GB:.2f} GB in {len(off.layers)} layers, "
               f"~{2 * total / max(1, len(off.layers)) / GB:.2f} GB of them on {device} at a time")
+        if off.shared:
+            print(f"layer weight offload: {off.shared} tensors are shared between decoder layers; they stay on "
+                  f"{device}")
         if off.unrouted:
             print(f"layer weight offload: {off.unrouted} bitsandbytes linears run bitsandbytes' own forward, which "
                   "keeps its weight on the autograd context until backward; they stay on the GPU. Call "

@@ -20,8 +20,9 @@ the lookup happens there and only the `[batch, seq, hidden]` result goes to the 
 bf16 = 1.16 GB of GPU memory saved). `model.to(...)` moves the rest of the model but leaves the table on the CPU.
 
 LM head offload. `offload_lm_head(model)` keeps a frozen, untied LM head's weight in pinned host memory (gpt-oss:
-another 1.16 GB). The fused loss (`nbhelpers.fast.use_fused_loss`) streams it to the GPU a block of rows at a time,
-once per step, while the matmuls of the previous block run (see `fused_linear_cross_entropy`). The head's own
+another 1.16 GB; page-locked at its own size, see `nbhelpers.pinned`). The fused loss
+(`nbhelpers.fast.use_fused_loss`) streams it to the GPU a block of rows at a time, once per step, while the
+matmuls of the previous block run (see `fused_linear_cross_entropy`). The head's own
 forward (logits for generation) streams it too, which costs a full copy of the head per call: generate with the
 head on the GPU (`restore_lm_head`, or train inside `with lm_head_on_host(model):`).
 """
@@ -37,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .kernels.cross_entropy import _mm_fp32, stream_rows
+from .pinned import host_copy
 
 GB = 2**30
 
@@ -339,13 +341,8 @@ class OffloadedLMHead(nn.Linear):
             else None
 
     def _host(self, w: torch.Tensor) -> torch.Tensor:
-        w = w.to("cpu")
-        if self.pin_memory:
-            try:
-                return w.pin_memory()
-            except RuntimeError as err:  # pinned memory capped or unavailable: pageable, synchronous copies
-                print(f"LM head offload: pinned memory unavailable ({err}); copies will not overlap compute")
-        return w
+        host, self.pin_memory = host_copy(w, self.pin_memory, "LM head offload")
+        return host
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.output_device)

@@ -333,3 +333,64 @@ def test_planner_counts_two_layers(nf4_llama_path):
     assert estimate(nf4_llama_path, offload_layers=True, **kw)["weights"] == estimate(nf4_llama_path, **kw)["weights"]
     with pytest.raises(ValueError, match="offload_layers needs gradient_checkpointing"):
         estimate(nf4_llama_path, offload_layers=True, gradient_checkpointing=False, **kw)
+
+
+def _shared_llama():
+    """A tiny plain Llama whose layers 1 and 3 use layer 0's MLP up-projection (one Parameter, as a block shared
+    between layers would), with LoRA and checkpointing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    for k in (1, 3):
+        model.model.layers[k].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    model = nb.add_lora(model, r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_b" in n.lower():
+            p.data.normal_(0, 0.1)
+    model.train()
+    nb.enable_offloaded_checkpointing(model, offload=False, verbose=False)
+    return model
+
+
+def test_weights_shared_between_layers_stay(capsys):
+    model = _shared_llama()
+    ids = _ids(model)
+    want = _step(model, ids)
+    off = nb.offload_layer_weights(model, "cpu", min_bytes=0)
+    assert "3 tensors are shared between decoder layers" in capsys.readouterr().out
+    shared = model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
+    assert all(o is not shared for layer in off.layers for o, _ in layer.slots)
+    with HostReads(off) as spy:
+        got = [_step(model, ids) for _ in range(2)]
+    assert spy.reads == []  # before: handing layer 1 over and putting layer 0 back left layer 1 on a host copy
+    for g in got:
+        _assert_same(g, want)
+
+
+def test_restore_frees_the_pinned_host_copies(nf4_llama_path, monkeypatch):
+    """With page-locked host copies (a fake registration on CPU), restoring unregisters and frees every one of
+    them, also while the caller still holds the offload object."""
+    import gc
+
+    from nbhelpers import layer_offload, pinned
+
+    registered, unregistered = [], []
+    monkeypatch.setattr(pinned, "_cuda_register", lambda ptr, size: registered.append(ptr))
+    monkeypatch.setattr(pinned, "_cuda_unregister", unregistered.append)
+    monkeypatch.setattr(layer_offload, "host_copy", lambda t, pin, what: (pinned.pinned_copy(t), True))
+    model = _model(nf4_llama_path)
+    ids = _ids(model)
+    want = _step(model, ids)
+    off = nb.offload_layer_weights(model, "cpu", min_bytes=0, verbose=False)
+    assert len(registered) == sum(len(layer.slots) for layer in off.layers) > 0
+    _assert_same(_step(model, ids), want)
+    gc.collect()
+    assert unregistered == []
+    nb.restore_layer_weights(model)
+    _assert_same(_step(model, ids), want)
+    gc.collect()
+    assert sorted(unregistered) == sorted(registered)
+    assert off.stats["steps"] > 0  # the caller's handle is still alive
