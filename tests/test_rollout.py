@@ -178,4 +178,35 @@ def test_inputs_go_where_the_layers_compute(table_elsewhere, monkeypatch):
     monkeypatch.setattr(rollout, "rollout_settings", lambda device, **kw: settings_device.append(device) or {})
     trainer = SimpleNamespace(model=model, processing_class=tok, generation_config=GenerationConfig())
     rollout.speed_up_trainer(trainer)
-    assert seen == [torch.device("cpu")] * 5 and settings_device == [torch.device("cpu")]
+    # generate 1, the compile trial 2 (two generations), evaluate 1, heldout_loss 1, train_loop 1
+    assert seen == [torch.device("cpu")] * 6 and settings_device == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_compiled_decoding_only_where_the_step_compiles_once(arch, capsys, monkeypatch):
+    """Two trial generations, the second with a prompt one token shorter: a decode step that compiles again there
+    would compile at every step. Llama's static cache compiles once; gpt-oss's sliding-window layers in
+    transformers 5.2x keep their length as a Python int that the step reads (a guard per value), so compiled
+    decoding is turned down for it, with the reason. Dynamo's aot_eager backend stands in for CUDA graphs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig
+
+    from nbhelpers import build_tiny
+    from nbhelpers.rl import rollout
+
+    path = build_tiny(arch)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prepare_for_rollouts(model, tok)
+    config = CompileConfig(fullgraph=False, dynamic=False, backend="aot_eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked
+    settings = {"cache_implementation": "static", "compile_config": config}
+    monkeypatch.setattr(rollout, "rollout_settings", lambda device, compile=None: dict(settings) if compile else
+                        {"cache_implementation": "static"})
+    torch._dynamo.reset()
+    try:
+        got = rollout.settings_for(model, tok, compile=True)
+    finally:
+        torch._dynamo.reset()
+    once = arch == "llama"
+    assert ("compile_config" in got) is once
+    assert ("compiles the decode step again for another length" in capsys.readouterr().out) is not once

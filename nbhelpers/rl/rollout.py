@@ -5,7 +5,8 @@ GRPO spends most of a step generating `num_generations` completions per prompt, 
   grow tensors step by step, and every decode step has the same shapes;
 - with fixed shapes, on CUDA, transformers compiles the decode step (`torch.compile`, mode "reduce-overhead":
   CUDA graphs), which removes the per-kernel launch cost that dominates small-batch decoding. TRL switches that
-  off (`disable_compile=True`); `speed_up_trainer` switches it back on where a trial generation shows it works;
+  off (`disable_compile=True`); `speed_up_trainer` and `settings_for` switch it on where trial generations show
+  that it works and compiles once (not, with transformers 5.2x, for gpt-oss: see `_compile_works`);
 - left padding: every row's next token sits at the same position, which is what a static cache and a decode
   attention kernel with per-row `kv_start` expect;
 - attention "nbhelpers" (`nbhelpers.attention`) reads the static cache's pre-allocated buffer directly: the mask
@@ -53,15 +54,42 @@ def prepare_for_rollouts(model, tokenizer, attn_implementation: str | None = Non
 
 
 def _compile_works(model, tokenizer, settings: dict) -> bool:
-    """A two-token trial generation with the compiled decode step; False (and why) if it fails."""
+    """Two short trial generations with the compiled decode step, the second with a prompt one token shorter;
+    False (and why) when compiling fails, or when the second compiles the step again. A step that compiles again
+    for other lengths guards on a per-step Python value and would compile anew at every step, until dynamo's
+    recompile limit (8) sends it back to eager code: minutes of compiling for nothing. transformers 5.2x's static
+    sliding-window cache layer does that (gpt-oss): it keeps its length as a Python int and reads it in `update`."""
+    from torch._dynamo.utils import counters
+
     device = _model_device(model)
-    enc = tokenizer(["a", "a b c"], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    try:
+
+    def trial(prompts):
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings)
-        return True
+
+    try:
+        trial(["a", "a b c"])
+        compiled = counters["frames"]["total"]
+        trial(["a", "a b"])  # the same cache size (generate keeps the largest), another length
+        again = counters["frames"]["total"] - compiled
     except Exception as e:  # any failure to compile or capture means: decode without it
         print(f"compiled decoding does not work here ({type(e).__name__}: {str(e)[:200]}); decoding eagerly")
         return False
+    if again:
+        print(f"compiled decoding compiles the decode step again for another length ({again} more compilation(s) "
+              "in a trial): it would compile at every step until dynamo gives up; decoding eagerly")
+        return False
+    return True
+
+
+def settings_for(model, tokenizer, compile: bool | None = None) -> dict:
+    """`rollout_settings` for this model: the compiled decode step only where `_compile_works` shows it compiles
+    once and runs (on CUDA by default)."""
+    device = _model_device(model)
+    settings = rollout_settings(device, compile=compile)  # any attention, "nbhelpers" included
+    if "compile_config" in settings and not _compile_works(model, tokenizer, settings):
+        settings = rollout_settings(device, compile=False)
+    return settings
 
 
 def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
@@ -69,11 +97,7 @@ def speed_up_trainer(trainer, compile: bool | None = None) -> dict:
 
     Returns the settings applied.
     """
-    model = trainer.model
-    device = _model_device(model)
-    settings = rollout_settings(device, compile=compile)  # any attention, "nbhelpers" included
-    if "compile_config" in settings and not _compile_works(model, trainer.processing_class, settings):
-        settings = rollout_settings(device, compile=False)
+    settings = settings_for(trainer.model, trainer.processing_class, compile=compile)
     config = trainer.generation_config
     config.cache_implementation = settings.get("cache_implementation")
     config.disable_compile = "compile_config" not in settings

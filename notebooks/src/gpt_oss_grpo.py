@@ -183,7 +183,7 @@ print(result.status, "-", result.reason)
 # %% [markdown]
 # ## Before training
 # A few sampled answers of the untrained model, with the fast-rollout settings (static KV cache, left padding,
-# compiled decoding on CUDA), scored by the task's rewards.
+# compiled decoding on CUDA where two trial generations show that it compiles once), scored by the task's rewards.
 
 # %%
 if cfg["task"] == "matmul":
@@ -195,8 +195,8 @@ else:  # tiny: a toy reward the tiny model can learn; the matmul rewards still r
 messages = [{"role": "user", "content": task_prompt}]
 prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                             reasoning_effort=cfg["reasoning_effort"])
-settings = rollout.rollout_settings(device, compile=cfg["compile_rollouts"])
 rollout.prepare_for_rollouts(model, tokenizer)
+settings = rollout.settings_for(model, tokenizer, compile=cfg["compile_rollouts"])  # compiled only if it pays
 
 
 def sample_and_score(n):
