@@ -107,18 +107,19 @@ def _slots(layer: nn.Module, min_bytes: int, stay: list) -> list:
     return slots
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def _key(owner, attr: str) -> int:
+    """What a slot swaps: the Parameter (its `.data`), or the tensor held in the attribute (buffer, quant state)."""
+    return id(owner) if attr == "data" else id(getattr(owner, attr))
 
 
 def _shared(per_layer: list) -> set:
-    """Storages that slots of more than one layer point into (weights shared between decoder layers, as in Zamba).
-    They stay on the device: handing layer i over would point them at i's copies, and putting another layer back
-    would point them at its host copy while layer i still computes with them."""
+    """Slot keys in more than one layer (a Parameter or buffer shared between decoder layers, as in Zamba). They
+    stay on the device: handing layer i over would point them at i's copies, and putting another layer back would
+    point them at its host copy while layer i still computes with them."""
     layers_of = {}
     for k, slots in enumerate(per_layer):
         for o, a in slots:
-            layers_of.setdefault(_storage(getattr(o, a)), set()).add(k)
+            layers_of.setdefault(_key(o, a), set()).add(k)
     return {key for key, ks in layers_of.items() if len(ks) > 1}
 
 
@@ -165,7 +166,7 @@ class LayerWeightOffload:
         shared = _shared(per_layer)
         self.shared = 0  # tensors left on the device because more than one decoder layer uses them
         for slots in per_layer:
-            kept = [(o, a) for o, a in slots if _storage(getattr(o, a)) not in shared]
+            kept = [(o, a) for o, a in slots if _key(o, a) not in shared]
             self.shared += len(slots) - len(kept)
             self.layers.append(_Layer(kept, [self._host(getattr(o, a)) for o, a in kept]))
         for layer in self.layers:
