@@ -121,14 +121,12 @@ def check_pinned(dev):
 
     import psutil
 
-    from nbhelpers import pinned
-
     rss = psutil.Process().memory_info
     w = torch.randn(201_088, 2880, dtype=torch.bfloat16)
     nbytes = w.numel() * w.element_size()
     gc.collect()
     rss0 = rss().rss
-    host = pinned.pinned_copy(w)
+    host = pinned_copy(w)
     grew = rss().rss - rss0
     out = torch.empty_like(w, device=dev)
     torch.cuda.synchronize()

@@ -5,6 +5,7 @@ is on (`TRITON_INTERPRET=1`, how the tests exercise kernels without a GPU); ever
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -45,6 +46,4 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 def on_device(t: torch.Tensor):
     """The context a kernel launch for `t` runs in: Triton launches on torch's *current* CUDA device and its stream,
     so a model on `cuda:1` (or split over two GPUs by `device_map="auto"`) needs its device made current."""
-    import contextlib
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -33,15 +33,21 @@ def nf4_llama_path(tmp_path_factory):
 
 def _model(path, fused=True, quantization="nf4", dropout=0.0):
     model, _ = nb.load_model(path, quantization=quantization, dtype=torch.float32, device="cpu")
+    model = _lora_training(model, dropout)
+    if fused:
+        nb.speed_up(model, fused_loss=False)
+    return model
+
+
+def _lora_training(model, dropout=0.0):
+    """LoRA r=4 with non-zero B (every adapter gets gradients in A and B), training mode, plain checkpointing."""
     model = nb.add_lora(model, r=4, alpha=8, dropout=dropout)
     torch.manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_b" in n.lower():
-            p.data.normal_(0, 0.1)  # non-zero B: every adapter gets gradients in A and B
+            p.data.normal_(0, 0.1)
     model.train()
     nb.enable_offloaded_checkpointing(model, offload=False, verbose=False)
-    if fused:
-        nb.speed_up(model, fused_loss=False)
     return model
 
 
@@ -346,13 +352,7 @@ def _shared_llama():
     model = LlamaForCausalLM(config)
     for k in (1, 3):
         model.model.layers[k].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
-    model = nb.add_lora(model, r=4, alpha=8)
-    for n, p in model.named_parameters():
-        if "lora_b" in n.lower():
-            p.data.normal_(0, 0.1)
-    model.train()
-    nb.enable_offloaded_checkpointing(model, offload=False, verbose=False)
-    return model
+    return _lora_training(model)
 
 
 def test_weights_shared_between_layers_stay(capsys):
