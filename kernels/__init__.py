@@ -33,6 +33,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
+def tensor_core_dots(device: torch.device) -> bool:
+    """Whether Triton's `tl.dot` runs on tensor cores on this CUDA device. Triton 3.3 and later compile it to plain
+    fp32 FMAs below sm_80 (a T4 is sm_75; `kernels/aot.py` counts the instructions), where cuBLAS still has the
+    tensor cores: 65 fp16 TFLOP/s on a T4 against 8 for FMAs. Matmul-heavy work goes to cuBLAS there."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """torch.autocast's dtype for ops on `t`'s device when autocast is on there, else None. Our ops stand in for
     modules autocast would cast for (a Linear, bitsandbytes' F.linear), so they take this dtype and run with

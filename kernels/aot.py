@@ -12,13 +12,18 @@ A spec is a plain dict:
      "signature": {"Q": "*fp16", "L": "i32", "BLOCK_M": "constexpr", ...},
      "constexprs": {"BLOCK_M": 64, ...}, "num_warps": 4, "num_stages": 2, "cc": 75}
 and the result for it is {"shared": bytes of shared memory, "n_regs": ..., "n_spills": ..., "cubin_bytes": ...,
-"fma_f32": fp32 fused multiply-adds in the PTX}. A spec may also set "enable_fp_fusion" (Triton's option).
+"fma_f32": fp32 fused multiply-adds in the PTX, "mma": tensor-core instructions in the PTX (mma.sync, wgmma)}.
+A spec may also set "enable_fp_fusion" (Triton's option).
+
+Triton 3.3 and later compile `tl.dot` to plain FMAs below sm_80 ("mma" is 0 for sm_75): on a T4 our matmul-shaped
+kernels run without tensor cores, while cuBLAS has them.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +53,7 @@ def _compile_one(spec: dict) -> dict:
         "n_spills": getattr(compiled, "n_spills", None),
         "cubin_bytes": len(compiled.asm["cubin"]),
         "fma_f32": compiled.asm["ptx"].count("fma.rn.f32"),  # fused multiply-adds: exactness checks count them
+        "mma": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", compiled.asm["ptx"])),
     }
 
 

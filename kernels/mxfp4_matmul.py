@@ -19,13 +19,20 @@ The tile table comes from the row counts in one of two ways:
       tiles = sum_e ceil(c_e / BLOCK_M) <= sum_e floor(c_e / BLOCK_M) + #{e : c_e > 0} <= R // BLOCK_M + min(E, R),
   and the tiles past the real ones are empty (start == end): their programs return before reading any weight.
   Rows past sum(counts) belong to no tile and come back as zeros.
+
+Below sm_80 (a T4) Triton compiles `tl.dot` to fp32 FMAs (`tensor_core_dots`), about 8x below the fp16 tensor
+cores cuBLAS uses there. So on such a GPU, when the counts are known on the host and experts get at least
+DECODE_FIRST_ROWS rows each on average (training, prefill), each used expert's weight is decoded to x's dtype
+(`dequantize_mxfp4`, an elementwise kernel) and multiplied by cuBLAS, one expert at a time: one transient [N, K]
+weight, re-decoded in backward (nothing but blocks and scales is kept). Decode steps keep the kernel: a handful of
+rows per expert is bound by reading the weights, which the kernel does once, in 4 bits.
 """
 from __future__ import annotations
 
 import torch
 
-from . import on_device, use_triton
-from .mxfp4 import _check, dequantize_mxfp4_reference
+from . import on_device, tensor_core_dots, use_triton
+from .mxfp4 import _check, dequantize_mxfp4, dequantize_mxfp4_reference
 
 try:
     import triton
@@ -38,6 +45,7 @@ except ImportError:  # pragma: no cover - CPU-only installs without triton use t
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small BLOCK_M for decode (few rows per expert).
 # Every config fits a T4's 64 KiB of shared memory in fp16 (checked by AOT compile in the tests).
 CONFIGS = {"decode": (16, 64, 64, 4, 2), "train": (64, 64, 64, 4, 2)}
+DECODE_FIRST_ROWS = 32  # below sm_80: average rows per used expert from which a decoded weight + cuBLAS is used
 
 
 def pick_config(rows: int, experts_used: int) -> tuple:
@@ -176,10 +184,44 @@ def _launch(x: torch.Tensor, blocks, scales, bias, tiles: tuple, rows_past_count
     return out
 
 
+def decode_first(x: torch.Tensor, counts) -> bool:
+    """Whether to decode each used expert and let cuBLAS multiply (see the module docstring): a CUDA device whose
+    Triton dots have no tensor cores, counts known on the host, enough rows per used expert."""
+    if not x.is_cuda or isinstance(counts, torch.Tensor) or tensor_core_dots(x.device):
+        return False
+    return x.shape[0] >= DECODE_FIRST_ROWS * max(1, sum(c > 0 for c in counts))
+
+
+def decoded_matmul(x: torch.Tensor, blocks, scales, bias, counts: list, transpose: bool) -> torch.Tensor:
+    """The kernel's product with each used expert's weight decoded to x's dtype (one at a time) and a dense matmul:
+    x_e W_e^T + b_e (forward) or dy_e W_e (`transpose`, backward)."""
+    n, k = blocks.shape[1], blocks.shape[2] * 32
+    out = torch.empty(x.shape[0], k if transpose else n, dtype=x.dtype, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = slice(start, start + c)
+        w = dequantize_mxfp4(blocks[e], scales[e], x.dtype)  # [N, K]
+        if transpose:
+            torch.mm(x[rows], w, out=out[rows])
+        elif bias is not None:
+            torch.addmm(bias[e].to(x.dtype), x[rows], w.t(), out=out[rows])
+        else:
+            torch.mm(x[rows], w.t(), out=out[rows])
+        del w
+        start += c
+    return out
+
+
 class GroupedMxfp4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, blocks, scales, bias, counts):
         ctx.save_for_backward(blocks, scales)
+        ctx.counts = counts
+        ctx.decoded = decode_first(x, counts)
+        if ctx.decoded:
+            return decoded_matmul(x, blocks, scales, bias, counts, transpose=False)
         ctx.tiles = _tiles(x.shape[0], blocks.shape[0], counts, x.device)
         ctx.rows_past_counts = isinstance(counts, torch.Tensor)  # tensor counts may sum to less than R
         return _launch(x, blocks, scales, bias, ctx.tiles, ctx.rows_past_counts, transpose=False)
@@ -188,7 +230,9 @@ class GroupedMxfp4Matmul(torch.autograd.Function):
     def backward(ctx, dy):
         blocks, scales = ctx.saved_tensors
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.decoded:
+            dx = decoded_matmul(dy.contiguous(), blocks, scales, None, ctx.counts, transpose=True)
+        elif ctx.needs_input_grad[0]:
             dx = _launch(dy, blocks, scales, None, ctx.tiles, ctx.rows_past_counts, transpose=True)
         return dx, None, None, None, None
 

@@ -33,6 +33,17 @@ def cpu_path(monkeypatch):
     return mods
 
 
+@pytest.fixture
+def decoded(interp, monkeypatch):
+    """The way a T4 trains (Triton's dots have no tensor cores there): each used expert decoded by the Triton
+    decode kernel, then a dense matmul; forced here wherever the counts are a list."""
+    monkeypatch.setattr(interp["matmul"], "decode_first", lambda x, counts: not isinstance(counts, torch.Tensor))
+    return interp
+
+
+PATHS = {"interp": "interp", "cpu": "cpu_path", "decoded": "decoded"}
+
+
 def _bits(t):
     return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
 
@@ -101,14 +112,18 @@ def _lora(E, H, I, r, seed):
     return [(t(E, r, H), t(E, 2 * I, r), t(E, r, I), t(E, H, r), 0.5)]
 
 
-@pytest.mark.parametrize("path", ["interp", "cpu"])
+@pytest.mark.parametrize("path", ["interp", "cpu", "decoded"])
 def test_grouped_matmul_forward_backward(path, request):
-    mods = request.getfixturevalue("interp" if path == "interp" else "cpu_path")
+    mods = request.getfixturevalue(PATHS[path])
     mm = mods["matmul"]
     (blocks, scales, bias), _ = _experts(E=4, H=96, I=20 * 2)  # K = 96: three groups, BLOCK_K = 64 straddles
     counts = [3, 0, 21, 1]  # an expert with no rows; 25 rows, not a multiple of BLOCK_M
     x = torch.randn(25, 96, requires_grad=True)
-    y = mm.grouped_mxfp4_matmul(x, blocks, scales, bias, counts)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = mm.grouped_mxfp4_matmul(x, blocks, scales, bias, counts)
+    if path != "cpu":  # the op keeps the 4-bit weights for backward, never a decoded one
+        assert saved and all(t.dtype == torch.uint8 for t in saved), [(t.dtype, t.shape) for t in saved]
     w = mods["mxfp4"].dequantize_mxfp4_reference(blocks, scales, torch.float32)  # [E, N, K]
     expert = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
     ref = torch.einsum("rk,rnk->rn", x, w[expert]) + bias[expert]
@@ -118,12 +133,12 @@ def test_grouped_matmul_forward_backward(path, request):
     assert _rel(dx, torch.einsum("rn,rnk->rk", dy, w[expert])) <= 1e-5
 
 
-@pytest.mark.parametrize("path", ["interp", "cpu"])
+@pytest.mark.parametrize("path", ["interp", "cpu", "decoded"])
 @pytest.mark.parametrize("tokens", [13, 1])
 def test_moe_experts_match_reference(path, tokens, request):
     """Forward, input, routing-weight and LoRA gradients; expert 3 gets no tokens and is poisoned (inf weights),
     so touching it at all would show up as inf/NaN."""
-    moe = request.getfixturevalue("interp" if path == "interp" else "cpu_path")["moe"]
+    moe = request.getfixturevalue(PATHS[path])["moe"]
     E, H, I, K = 5, 64, 96, 2
     gate_up, down = _experts(E, H, I, poison=(3,))
     g = torch.Generator().manual_seed(2)
@@ -345,4 +360,6 @@ def test_aot_compile_every_config():
         assert "error" not in res, (spec["name"], res.get("error"))
         assert res["shared"] <= SHARED_MEMORY_LIMIT[spec["cc"]], (spec["name"], res["shared"])
         assert res["n_spills"] in (None, 0) or res["n_spills"] < 64, (spec["name"], res["n_spills"])
+        if spec["kernel"] == "_grouped_mxfp4_matmul":  # tensor cores from sm_80; sm_75 gets FMAs (`decode_first`)
+            assert (res["mma"] > 0) == (spec["cc"] >= 80), (spec["name"], res["mma"])
     assert math.isfinite(sum(r["shared"] for r in results))
