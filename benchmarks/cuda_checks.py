@@ -1,6 +1,7 @@
 """Correctness of the issue-4 kernels on a real GPU (the CPU tests cover the interpreter): prints worst errors.
 
   fused CE (Triton row kernel + cuBLAS) vs full fp64 logits, fp32 and bf16/fp16 inputs, reductions, big N x V
+  fused CE of a frozen head in tiles (the sm_80+ default) vs fp64 logits, and vs the chunked path at 16k x 201,088
   the LM head streamed from pinned host memory (fused CE and OffloadedLMHead) vs the resident head and fp64
   NF4 decode (Triton) vs bitsandbytes' CUDA dequantize_4bit: bit-exact, fp16/bf16/fp32
   NF4 LoRA linear vs plain autograd on the decoded weight
@@ -68,6 +69,49 @@ def check_ce(dev):
                              for i in range(0, n, 1024)])
         print(f"one chunk of {n} x {v} = {n * v / 1e9:.2f}e9 logits (int64 offsets): rel err {rel(got, ref):.2e}")
         ok &= rel(got, ref) <= 1e-5
+    return ok
+
+
+def check_ce_tiles(dev):
+    """The frozen-head tile kernels (method="tiles", the default on sm_80+) vs fp64 logits, every dtype and
+    reduction, odd shapes; and 16,384 x 201,088 (gpt-oss's vocabulary) against the chunked path."""
+    ok = True
+    g = torch.Generator(device="cpu").manual_seed(2)
+    n, h, v = 1037, 200, 50257
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for reduction, bias in (("mean", True), ("sum", False), ("none", True)):
+            hid = (torch.randn(n, h, generator=g) * 0.5).to(dev, dtype)
+            w = (torch.randn(v, h, generator=g) * 0.05).to(dev, dtype)
+            b = torch.randn(v, generator=g).to(dev, dtype) if bias else None
+            y = torch.randint(0, v, (n,), generator=g).to(dev)
+            y[::3] = -100
+            up = torch.randn(n, device=dev) if reduction == "none" else torch.tensor(1.0, device=dev)
+            x = hid.clone().requires_grad_(True)
+            loss = fused_linear_cross_entropy(x, w, y, b, reduction=reduction, method="tiles")
+            loss.backward(up if reduction == "none" else None)
+            xr = hid.double().requires_grad_(True)
+            ref = cross_entropy_reference(xr, w.double(), y, b.double() if bias else None, reduction=reduction)
+            ref.backward(up.double() if reduction == "none" else None)
+            errs = rel(loss, ref), rel(x.grad, xr.grad)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            ok &= max(errs) <= tol
+            print(f"tiled CE {dtype} {reduction} bias={bias}: rel err loss {errs[0]:.2e} dh {errs[1]:.2e} "
+                  f"(tol {tol})")
+    n, h, v = 16384, 256, 201088
+    if torch.cuda.get_device_properties(dev).total_memory > 40e9:
+        hid = (torch.randn(n, h, generator=g) * 0.5).to(dev, torch.bfloat16)
+        w = (torch.randn(v, h, generator=g) * 0.05).to(dev, torch.bfloat16)
+        y = torch.randint(0, v, (n,), generator=g).to(dev)
+        y[-5:] = v - 1
+        res = []
+        for method in ("tiles", "chunks"):
+            x = hid.clone().requires_grad_(True)
+            loss = fused_linear_cross_entropy(x, w, y, method=method)
+            loss.backward()
+            res.append((loss.detach(), x.grad))
+        errs = rel(res[0][0], res[1][0]), rel(res[0][1], res[1][1])
+        ok &= errs[0] <= 1e-5 and errs[1] <= 2e-2
+        print(f"tiled CE {n} x {v} bf16 vs chunks: rel err loss {errs[0]:.2e} dh {errs[1]:.2e}")
     return ok
 
 
@@ -334,6 +378,7 @@ if __name__ == "__main__":
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__)
     ok = check_ce(dev)
+    ok &= check_ce_tiles(dev)
     ok &= check_streamed_head(dev)
     ok &= check_pinned(dev)
     try:

@@ -2,7 +2,8 @@
 
 For N tokens, hidden H, vocab V (gpt-oss: H=2880, V=201,088) in the compute dtype:
   plain  logits = hidden @ W.T (N x V, compute dtype), F.cross_entropy(logits.float(), labels), backward
-  fused  nbhelpers.kernels.cross_entropy.fused_linear_cross_entropy(hidden, W, labels), backward
+  chunks fused_linear_cross_entropy(hidden, W, labels, method="chunks"), backward: a chunk of fp32 logits at a time
+  tiles  the same with method="tiles" (frozen head only): logits tiles never leave the chip (`cross_entropy_tiles`)
   streamed (`--stream-head`, frozen head) the same with W in pinned host memory, copied to the GPU a block at a
          time while the previous block's matmuls run (`nbhelpers.offload_lm_head`); W takes no GPU memory
 Head frozen (the LoRA case: only d hidden is needed) or trainable (`--trainable-head`: d W too).
@@ -28,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nbhelpers.kernels import use_triton
 from nbhelpers.kernels.cross_entropy import fused_linear_cross_entropy
 from nbhelpers.memory import LiveBytes
 
@@ -38,8 +40,12 @@ def plain(hidden, weight, labels):
     return F.cross_entropy((hidden @ weight.t()).float(), labels)
 
 
-def fused(hidden, weight, labels):
-    return fused_linear_cross_entropy(hidden, weight, labels)
+def chunks(hidden, weight, labels):
+    return fused_linear_cross_entropy(hidden, weight, labels, method="chunks")
+
+
+def tiles(hidden, weight, labels):
+    return fused_linear_cross_entropy(hidden, weight, labels, method="tiles")
 
 
 def streamed(hidden, weight, labels):
@@ -106,7 +112,10 @@ def main(argv=None):
         torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)
     if args.stream_head and args.trainable_head:
         p.error("--stream-head streams a frozen head; drop --trainable-head")
-    paths = (("plain", plain), ("fused", fused)) + ((("streamed", streamed),) if args.stream_head else ())
+    paths = (("plain", plain), ("chunks", chunks))
+    if not args.trainable_head and use_triton(torch.empty(0, device=device)):
+        paths += (("tiles", tiles),)
+    paths += (("streamed", streamed),) if args.stream_head else ()
     rows = []
     for n in args.tokens:
         for name, fn in paths:

@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/gpu_session.sh 1     # correctness on the GPU, NF4 decode, RMSNorm, QLoRA step (3 paths + profile)
 #   bash benchmarks/gpu_session.sh 2     # gpt-oss-20b shapes: the T4 recipe under a T4's cap, then 4k / 16k tokens
-#   bash benchmarks/gpu_session.sh 3     # fused CE (trainable head, streamed head), QLoRA with every offload, QAT
-#   bash benchmarks/gpu_session.sh 4     # rollouts
+#   bash benchmarks/gpu_session.sh 3     # fused CE: frozen head (chunks vs tiles), trainable head, streamed head
+#   bash benchmarks/gpu_session.sh 4     # rollouts, QAT
+#   bash benchmarks/gpu_session.sh 5     # QLoRA with every offload
 #
 # bitsandbytes is not in every image: a wheel under .whl/ is installed into /tmp/site first when present.
 set -u
@@ -44,17 +45,20 @@ case "${1:-1}" in
         --fused-ce --fused-norm --skip check experts --json "$OUT/gpt_oss_long.json"
     ;;
 3)
+    step fused_ce_frozen 180 python benchmarks/fused_ce.py --tokens 8192 16384 --reps 3 --json "$OUT/fused_ce.json"
     step fused_ce 120 python benchmarks/fused_ce.py --tokens 8192 --trainable-head --reps 3
     step fused_ce_streamed 100 python benchmarks/fused_ce.py --tokens 2048 8192 --stream-head --reps 3
-    step qlora_offload 220 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
-        nbhelpers-layers --json "$OUT/qlora_offload.json"
     ;;
 4)
     step rollout 250 python benchmarks/rollout.py --attn nbhelpers
     step qat 190 python benchmarks/qat.py
     ;;
+5)
+    step qlora_offload 220 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
+        nbhelpers-layers --json "$OUT/qlora_offload.json"
+    ;;
 *)
-    echo "expected part 1, 2, 3 or 4, found '$1'" >&2
+    echo "expected part 1, 2, 3, 4 or 5, found '$1'" >&2
     exit 2
     ;;
 esac

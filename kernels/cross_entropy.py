@@ -11,6 +11,8 @@ Frozen head (only dh is wanted): tokens are processed in chunks of C rows, so at
 logits (and its gradient in the weight's dtype) exists at a time; C is chosen from a byte budget (`chunk_bytes`).
 Per chunk: one matmul for the logits, one row kernel (`_ce_rows_kernel`: online logsumexp, loss, and the logit
 gradient in the weight's dtype: two passes over the row) and one matmul for dh, which is then final for those rows.
+On an sm_80+ GPU a frozen head takes the tile kernels of `cross_entropy_tiles.py` instead (`method`): no logits in
+memory at all, for one more matmul-sized pass.
 
 Trainable head: dW [V, H] sums over all tokens. Accumulating it over token chunks would need either a [V, H] fp32
 accumulator (2x the output in bf16) or rounding to the weight's dtype once per chunk. Instead the token pass above
@@ -56,7 +58,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, on_device, use_triton
+from . import autocast_dtype, on_device, tensor_core_dots, use_triton
+from .cross_entropy_tiles import tiles_grad, tiles_loss
 
 try:
     import triton
@@ -91,7 +94,7 @@ if triton is not None:
             alpha = tl.exp(m - m_new)
             e = tl.exp(z - m_new)
             s = s * alpha + tl.sum(e, axis=0)
-            t = t * alpha + tl.sum(tl.where(offs < n_cols, e * z, 0.0), axis=0)
+            t = t * alpha + tl.sum(e * tl.where(offs < n_cols, z, 0.0), axis=0)  # e = 0 off the edge
             m = m_new
         lse = m + tl.log(s)
         valid = y != ignore_index
@@ -257,14 +260,28 @@ def _chunks(n, v, hidden, weight, chunk_bytes, need_dw):
     return rows, cols
 
 
+def _process_tiles(hidden, weight, bias, labels, scale, ignore_index, stats, need_dh, mm_dtype):
+    """`_process` for a frozen head through the tile kernels (`cross_entropy_tiles.py`): no logits in memory."""
+    h = hidden if hidden.dtype == mm_dtype else hidden.to(mm_dtype)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    loss, lse, ent, top1 = tiles_loss(h, w, bias, labels, ignore_index, stats)
+    dh = None
+    if scale is not None and need_dh:
+        dh = torch.empty(hidden.shape, device=hidden.device, dtype=_grad_dtype(hidden.dtype))
+        tiles_grad(h, w, bias, labels, lse, scale, ignore_index, dh)
+    return loss, lse, ent, top1, dh, None, None
+
+
 def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats, need_dh,
-             mm_dtype):
-    """Run all chunks. `scale` [N] fp32 (per-row gradient factor) or None for the loss only. `mm_dtype`: the
-    matmuls' operand dtype (`_compute_dtype`).
+             mm_dtype, method=None):
+    """Run all chunks (or tiles, see `_method`). `scale` [N] fp32 (per-row gradient factor) or None for the loss
+    only. `mm_dtype`: the matmuls' operand dtype (`_compute_dtype`).
 
     Returns loss [N], lse [N], entropy [N], is_top1 [N] and, with `scale`, dh [N, H] (hidden's dtype, if
     `need_dh`), dW [V, H] (weight's dtype) and db [V] (fp32) where asked for.
     """
+    if _method(method, hidden, weight, scale is not None and (need_dw or need_db)) == "tiles":
+        return _process_tiles(hidden, weight, bias, labels, scale, ignore_index, stats, need_dh, mm_dtype)
     n, v = hidden.shape[0], weight.shape[0]
     rows, cols = _chunks(n, v, hidden, weight, chunk_bytes, scale is not None and need_dw)
     fn = _rows_triton if use_triton(hidden, weight) else _rows_torch
@@ -431,17 +448,43 @@ def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_b
     return loss, lse, ent, top1, dh
 
 
+def _method(method, hidden, weight, head_grads: bool) -> str:
+    """"chunks" or "tiles" for a resident head. None: tiles for a frozen head on a GPU whose tensor cores Triton
+    uses (`tensor_core_dots`: sm_80 and later) unless deterministic algorithms are asked for (tiles add with
+    atomics), chunks otherwise (cuBLAS for the matmuls)."""
+    if method not in (None, "chunks", "tiles"):
+        raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
+    if method == "tiles":
+        if head_grads:
+            raise ValueError("method='tiles' computes no weight or bias gradient: the head must be frozen (found "
+                             "a weight or bias that requires grad)")
+        if not use_triton(hidden, weight):
+            raise ValueError(f"method='tiles' needs Triton and CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                             f"found hidden on {hidden.device} and weight on {weight.device}")
+        if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError("method='tiles' adds into dh with atomics, in no fixed order, and "
+                               "torch.use_deterministic_algorithms(True) is on: use method='chunks' (or None)")
+        return "tiles"
+    if method is None and hidden.is_cuda and not head_grads and use_triton(hidden, weight) \
+            and tensor_core_dots(hidden.device) and not torch.are_deterministic_algorithms_enabled():
+        return "tiles"
+    return "chunks"
+
+
 def _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream, need_dw=False, need_db=False,
-         stats=False, need_dh=True, *, mm_dtype):
+         stats=False, need_dh=True, *, mm_dtype, method=None):
     """`_process`, or `_process_streamed` for a streamed head (which has no dW / db: it is frozen), with autocast
     off inside (the operands' dtype is `mm_dtype`, decided by the caller; the fp32 math must stay fp32)."""
     with torch.autocast(hidden.device.type, enabled=False):
         if stream:
+            if method == "tiles":
+                raise ValueError("method='tiles' is for a resident head; a streamed head (stream=True, or a weight "
+                                 "on another device than hidden) goes one block of rows at a time")
             loss, lse, ent, top1, dh = _process_streamed(hidden, weight, bias, labels, scale, ignore_index,
                                                          chunk_bytes, stats, mm_dtype)
             return loss, lse, ent, top1, dh if need_dh else None, None, None
         return _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, need_dw, need_db, stats,
-                        need_dh, mm_dtype)
+                        need_dh, mm_dtype, method)
 
 
 def _streams(hidden, weight, bias, stream):
@@ -470,24 +513,27 @@ def _check(hidden, weight, labels, bias, reduction):
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream, method):
         need = ctx.needs_input_grad
         hidden = hidden.contiguous()
         labels = labels.contiguous()
         valid = labels != ignore_index
         ctx.reduction, ctx.ignore_index, ctx.chunk_bytes, ctx.stream = reduction, ignore_index, chunk_bytes, stream
+        ctx.method = method
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.hidden_dtype = hidden.dtype
         ctx.mm_dtype = mm_dtype = _compute_dtype(hidden, weight)  # backward runs outside autocast: kept for it
         if reduction == "none" or not any(need[:3]):
-            loss, *_ = _run(hidden, weight, bias, labels, None, ignore_index, chunk_bytes, stream, mm_dtype=mm_dtype)
+            loss, *_ = _run(hidden, weight, bias, labels, None, ignore_index, chunk_bytes, stream, mm_dtype=mm_dtype,
+                            method=method)
             ctx.save_for_backward(hidden, weight, bias, labels)
             return loss if reduction == "none" else (loss.sum() / valid.sum() if reduction == "mean" else loss.sum())
         n_valid = valid.sum()
         factor = (1.0 / n_valid.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
         scale = factor.expand(hidden.shape[0]).contiguous()
         loss, _, _, _, dh, dw, db = _run(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, stream,
-                                         need[1], need[2] and bias is not None, need_dh=need[0], mm_dtype=mm_dtype)
+                                         need[1], need[2] and bias is not None, need_dh=need[0], mm_dtype=mm_dtype,
+                                         method=method)
         ctx.save_for_backward(dh, dw, db)
         total = loss.sum()
         return total / n_valid if reduction == "mean" else total
@@ -503,20 +549,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 db = db.mul_(g) if db is not None else None
             db = db.to(ctx.bias_dtype) if db is not None else None
             dh = dh.to(ctx.hidden_dtype) if dh is not None else None
-            return dh, dw, db, None, None, None, None, None
+            return dh, dw, db, None, None, None, None, None, None
         hidden, weight, bias, labels = ctx.saved_tensors
         need = ctx.needs_input_grad
         _, _, _, _, dh, dw, db = _run(hidden, weight, bias, labels, grad.float().contiguous(), ctx.ignore_index,
                                       ctx.chunk_bytes, ctx.stream, need[1], need[2], need_dh=need[0],
-                                      mm_dtype=ctx.mm_dtype)
+                                      mm_dtype=ctx.mm_dtype, method=ctx.method)
         dh = dh.to(ctx.hidden_dtype) if dh is not None else None
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
                                reduction: str = "mean", chunk_bytes: int | None = None,
-                               stream: bool | None = None) -> torch.Tensor:
+                               stream: bool | None = None, method: str | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T + bias, labels)` without the N x V logits (see the module docstring).
 
     hidden [N, H], weight [V, H], labels [N] (int), bias [V] or None. Differentiable in hidden, weight and bias
@@ -525,15 +571,22 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     and their gradient together). The loss is fp32.
     stream: None streams a frozen head that lives on another device than `hidden` (host memory, see
     `nbhelpers.offload_lm_head`) block by block; True streams it wherever it is (the same arithmetic, e.g. on CPU).
+    method (a resident head): "tiles" computes a frozen head's loss and dh in tiles that never leave the chip (no
+    logits in memory, one more matmul-sized pass; `cross_entropy_tiles.py`), "chunks" as above; None: tiles for a
+    frozen head on an sm_80+ GPU, chunks otherwise (on a T4 Triton's matmuls have no tensor cores).
     """
     _check(hidden, weight, labels, bias, reduction)
     stream = _streams(hidden, weight, bias, stream)
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream)
+    if method == "tiles" and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("method='tiles' computes no weight or bias gradient: the head must be frozen (found a "
+                         "weight or bias that requires grad)")
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream,
+                                         method)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
                    temperature: float = 1.0, ignore_index: int = -100, chunk_bytes: int | None = None,
-                   stream: bool | None = None) -> torch.Tensor:
+                   stream: bool | None = None, method: str | None = None) -> torch.Tensor:
     """log softmax(hidden @ weight.T / temperature)[i, tokens[i]] for each row, [N] fp32, without full logits.
 
     Rows whose token is `ignore_index` get 0. Differentiable in hidden (and weight/bias). For GRPO's policy and
@@ -543,16 +596,17 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Ten
         hidden = hidden / temperature
         bias = bias / temperature if bias is not None else None
     return -fused_linear_cross_entropy(hidden, weight, tokens, bias, ignore_index=ignore_index, reduction="none",
-                                       chunk_bytes=chunk_bytes, stream=stream)
+                                       chunk_bytes=chunk_bytes, stream=stream, method=method)
 
 
 @torch.no_grad()
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
-                ignore_index: int = -100, chunk_bytes: int | None = None, stream: bool | None = None):
+                ignore_index: int = -100, chunk_bytes: int | None = None, stream: bool | None = None,
+                method: str | None = None):
     """(entropy [N], is_top1 [N] bool) of softmax(hidden @ weight.T + bias), without gradient (for metrics)."""
     stream = _streams(hidden, weight.detach(), bias.detach() if bias is not None else None, stream)
     _, _, ent, top1, *_ = _run(hidden.contiguous(), weight, bias, tokens.contiguous(), None, ignore_index,
-                               chunk_bytes, stream, stats=True, mm_dtype=_compute_dtype(hidden, weight))
+                               chunk_bytes, stream, stats=True, mm_dtype=_compute_dtype(hidden, weight), method=method)
     return ent, top1
 
 

@@ -161,18 +161,29 @@ def kv_cache_bytes(config, sequences: int, length: int, act_bytes: int) -> int:
 
 
 def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cuda: bool = True,
-                   streamed: bool = False) -> int:
+                   streamed: bool = False, tiles: bool = False, sm_count: int = 132) -> int:
     """Peak bytes the fused loss allocates beyond its inputs (frozen head), by the kernel's own chunk rule.
 
     Resident head: a chunk of `rows` tokens (fp32 logits within the default budget) holds its fp32 logits and their
     gradient in the head's dtype (fp32: over the logits), beside dh for all tokens (fp32 for fp16, see
     `fused_linear_cross_entropy`). Streamed head: acc (fp32 [tokens, hidden]) beside one block (fp32 logits and e
     for all tokens, and on a GPU the two buffers the weight is copied into) and the block's fp32 product e W, then
-    W_y and dh (a copy of acc for bf16).
+    W_y and dh (a copy of acc for bf16). Tiles (`cross_entropy_tiles.py`, a frozen head on sm_80+): dh, the fp32
+    accumulator of one group of rows (none when dh is fp32), and four fp32 numbers per row and vocabulary split
+    (splits for `sm_count` multiprocessors; on CPU, the interpreter's).
     """
     from .kernels.cross_entropy import CPU_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, _round
 
     b = _BYTES[dtype]
+    if tiles:
+        from .kernels import cross_entropy_tiles as ct
+
+        cfg = ct.CONFIGS["fp32" if b == 4 else "sm80"] if cuda else ct.CONFIGS["cpu"]
+        grad_bytes = 4 if dtype == torch.float16 else b
+        acc = ct.acc_rows(tokens, grad_bytes, cfg["BLOCK_N"]) * hidden * 4 if grad_bytes != 4 else 0
+        want = ct.PROGRAMS_PER_SM * sm_count if cuda else 4
+        k, _ = ct.splits(-(-tokens // cfg["BLOCK_N"]), vocab, cfg["BLOCK_V"], want)
+        return tokens * hidden * grad_bytes + acc + 4 * k * tokens * 4
     budget = DEFAULT_CHUNK_BYTES if cuda else CPU_CHUNK_BYTES
     if streamed:  # the kernel's `_stream_cols`
         per_col = tokens * (4 + (b if b != 4 else 0)) + 2 * hidden * b
@@ -191,7 +202,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
              offload_head: bool = False, offload_layers: bool = False,
              attn_implementation: str | None = None, lora_experts: bool | None = None,
              generation: tuple[int, int] | None = None, optimizer: str = "adamw", fused_layers: bool = False,
-             cuda: bool = True) -> Estimate:
+             cuda: bool = True, ce_tiles: bool | None = None) -> Estimate:
     """Itemised predicted peak bytes of LoRA training (and generation with `generation=(sequences, length)`).
 
     config: a transformers config, or a model name / path / `tiny:<arch>` (only its config is read).
@@ -200,6 +211,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     offload_activations: checkpointed layer inputs live in host memory (needs gradient_checkpointing).
     offload_embeddings: the input embedding table lives on the CPU (not when tied to the LM head).
     fused_ce: the loss never materialises all logits, only a chunk of them (`fused_ce_bytes`).
+    ce_tiles: the fused loss of the (frozen, resident) head runs in tiles, with no logits in memory; what it does on
+    sm_80+ GPUs. None: with bf16 on a GPU (bf16 means sm_80+; an fp16 run is counted as on a T4, with chunks).
     offload_head: a frozen, untied LM head in host memory, streamed by the fused loss (needs fused_ce).
     offload_layers: the decoder layers' frozen weights in host memory, two layers' worth on the GPU at a time
     (`offload_layer_weights`; needs gradient_checkpointing). NF4 linears only move with fused_layers: bitsandbytes'
@@ -271,15 +284,20 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
 
     # working sets of the phases
     grads_in_flight = 3 * t * m["H"] * b  # gradient of the hidden state in, out, and of the residual branch
-    # bitsandbytes dequantizes an NF4 weight for each matmul (MXFP4 experts are decoded tile by tile in-kernel)
+    # bitsandbytes dequantizes an NF4 weight for each matmul. MXFP4 experts are decoded tile by tile in-kernel, but
+    # on a T4 (counted for fp16 GPU runs) one expert's weight at a time is decoded for cuBLAS (`mxfp4_matmul.py`)
     dequantized = c["max_linear"] * b * 2 if quantization == "nf4" else 0
+    if quantization == "mxfp4" and cuda and dtype == torch.float16 and c["expert_lora_stacks"]:
+        dequantized = max(i * o for _, i, o in c["expert_lora_stacks"]) * b
     layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
     if attn == "eager":  # the probabilities' gradient and the softmax backward's output
         layer_phase += 2 * batch * m["nq"] * seq_len * seq_len * b
     final_norm = t * m["H"] * (4 + b)
     if fused_ce:
-        loss_phase = final_norm + fused_ce_bytes(t, m["H"], m["V"], dtype, cuda,
-                                                 streamed=offload_head and not c["tied"])
+        streamed = offload_head and not c["tied"]
+        tiles = (cuda and dtype == torch.bfloat16) if ce_tiles is None else ce_tiles
+        loss_phase = final_norm + fused_ce_bytes(t, m["H"], m["V"], dtype, cuda, streamed=streamed,
+                                                 tiles=tiles and not streamed)
     else:
         loss_phase = final_norm + 12 * t * m["V"]
     phases = {"loss": loss_phase, "layer": layer_phase}
