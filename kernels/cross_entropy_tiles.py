@@ -56,9 +56,12 @@ CONFIGS = {
 
 if triton is not None:
     @triton.jit
-    def _logits_tile(X, W, rows, cols, row_ok, col_ok, hidden, stride_x, stride_w,
+    def _logits_tile(X, W, B, rows, row_ok, v0, v_end, hidden, stride_x, stride_w, HAS_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        """fp32 z[rows, cols] = X[rows] W[cols]^T: W's tiles rounded to X's dtype, fp32 accumulation."""
+        """(z, cols, col_ok) for the columns cols = v0 + [0, BLOCK_V) (those < v_end valid): fp32
+        z[rows, cols] = X[rows] W[cols]^T (+ B[cols]), W's tiles rounded to X's dtype, fp32 accumulation."""
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
         dot_dtype = X.dtype.element_ty
         ks = tl.arange(0, BLOCK_K)
         x_ptrs = X + rows.to(tl.int64)[:, None] * stride_x + ks[None, :]
@@ -71,7 +74,15 @@ if triton is not None:
             acc = tl.dot(x, w, acc, input_precision="ieee")
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        return acc
+        if HAS_BIAS:
+            acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        return acc, cols, col_ok
+
+    @triton.jit
+    def _split_columns(split, cols_per_split, n_cols):
+        """[start, end) of a vocabulary split's columns."""
+        start = split * cols_per_split
+        return start, tl.minimum(start + cols_per_split, n_cols)
 
     @triton.jit
     def _lse_tiles_kernel(X, W, B, Y, M_OUT, S_OUT, T_OUT, ZY_OUT, n_rows, n_cols, hidden, cols_per_split,
@@ -85,15 +96,10 @@ if triton is not None:
         s = tl.zeros((BLOCK_N,), tl.float32)
         t = tl.zeros((BLOCK_N,), tl.float32)
         z_y = tl.zeros((BLOCK_N,), tl.float32)
-        v_start = split * cols_per_split
-        v_end = tl.minimum(v_start + cols_per_split, n_cols)
+        v_start, v_end = _split_columns(split, cols_per_split, n_cols)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < v_end
-            z = _logits_tile(X, W, rows, cols, row_ok, col_ok, hidden, stride_x, stride_w, BLOCK_N, BLOCK_V,
-                             BLOCK_K)
-            if HAS_BIAS:
-                z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            z, cols, col_ok = _logits_tile(X, W, B, rows, row_ok, v0, v_end, hidden, stride_x, stride_w, HAS_BIAS,
+                                           BLOCK_N, BLOCK_V, BLOCK_K)
             z = tl.where(col_ok[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a column
             alpha = tl.exp(m - m_new)
@@ -119,15 +125,10 @@ if triton is not None:
         valid = row_ok & (y != ignore_index)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         hs = tl.arange(0, BLOCK_H)
-        v_start = split * cols_per_split
-        v_end = tl.minimum(v_start + cols_per_split, n_cols)
+        v_start, v_end = _split_columns(split, cols_per_split, n_cols)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < v_end
-            z = _logits_tile(X, W, rows, cols, row_ok, col_ok, hidden, stride_x, stride_w, BLOCK_N, BLOCK_V,
-                             BLOCK_K)
-            if HAS_BIAS:
-                z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            z, cols, col_ok = _logits_tile(X, W, B, rows, row_ok, v0, v_end, hidden, stride_x, stride_w, HAS_BIAS,
+                                           BLOCK_N, BLOCK_V, BLOCK_K)
             p = tl.exp(z - lse[:, None])
             d = tl.where(cols.to(tl.int64)[None, :] == y[:, None], p - 1.0, p)
             d = tl.where(valid[:, None] & col_ok[None, :], d, 0.0).to(X.dtype.element_ty)
