@@ -454,10 +454,7 @@ def _method(method, hidden, weight, head_grads: bool) -> str:
     atomics), chunks otherwise (cuBLAS for the matmuls)."""
     if method not in (None, "chunks", "tiles"):
         raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
-    if method == "tiles":
-        if head_grads:
-            raise ValueError("method='tiles' computes no weight or bias gradient: the head must be frozen (found "
-                             "a weight or bias that requires grad)")
+    if method == "tiles":  # a trainable head was refused by `fused_linear_cross_entropy`, before the forward
         if not use_triton(hidden, weight):
             raise ValueError(f"method='tiles' needs Triton and CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                              f"found hidden on {hidden.device} and weight on {weight.device}")

@@ -30,8 +30,6 @@ Below sm_80 Triton's dots are FMAs, not tensor cores: the default keeps T4s on t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import on_device
@@ -44,6 +42,7 @@ except ImportError:  # CPU-only installs never call these kernels
 
 ACC_FRACTION = 0.15  # the fp32 accumulator of a token group, at most this x dh's bytes (when dh is not fp32)
 PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has about this many programs per multiprocessor
+INTERPRETER_PROGRAMS = 4  # on CPU (the interpreter): a few splits, so that merging them is exercised
 
 # BLOCK_N, BLOCK_V, BLOCK_K (reduction over H for z), BLOCK_H (columns of dh per product), warps, stages
 CONFIGS = {
@@ -143,22 +142,28 @@ if triton is not None:
                 a_ptrs += BLOCK_H
 
 
+def config_for(cc: int | None, fp32: bool) -> dict:
+    """The launch config for compute capability `cc` (75, 80, ...; None: CPU, the interpreter's small tiles) and
+    fp32 or half-precision operands."""
+    if cc is None:
+        return CONFIGS["cpu"]
+    return CONFIGS["fp32" if fp32 else "t4" if cc < 80 else "sm80"]
+
+
 def tile_config(device: torch.device, dtype: torch.dtype) -> dict:
-    """The launch config for operands of `dtype` on `device` (CPU: the interpreter's small tiles)."""
-    if device.type != "cuda":
-        return dict(CONFIGS["cpu"])
-    if dtype == torch.float32:
-        return dict(CONFIGS["fp32"])
-    major, _ = torch.cuda.get_device_capability(device)
-    return dict(CONFIGS["t4" if major < 8 else "sm80"])
+    """The launch config for operands of `dtype` on `device`."""
+    cc = None
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        cc = 10 * major + minor
+    return config_for(cc, dtype == torch.float32)
 
 
 def programs_wanted(device: torch.device) -> int:
-    """Programs a launch should have: PROGRAMS_PER_SM per multiprocessor (the interpreter: 4, so that several
-    splits are merged)."""
+    """Programs a launch should have: PROGRAMS_PER_SM per multiprocessor (INTERPRETER_PROGRAMS on CPU)."""
     if device.type == "cuda":
         return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return INTERPRETER_PROGRAMS
 
 
 def splits(token_blocks: int, n_cols: int, block_v: int, want: int) -> tuple[int, int]:
@@ -225,12 +230,13 @@ def tiles_grad(hidden, weight, bias, labels, lse, scale, ignore_index: int, out:
     g = torch.where(labels != ignore_index, scale, 0.0)
     group = acc_rows(n, 4 if out.dtype == torch.float32 else out.element_size(), bn)
     acc = out if out.dtype == torch.float32 else torch.empty(group, h, device=hidden.device, dtype=torch.float32)
+    want = programs_wanted(hidden.device)
     for start in range(0, n, max(group, 1)):
         rows = min(group, n - start)
         a = acc[:rows]
         a.zero_()
         token_blocks = triton.cdiv(rows, bn)
-        k, per = splits(token_blocks, v, bv, programs_wanted(hidden.device))
+        k, per = splits(token_blocks, v, bv, want)
         with on_device(hidden):
             _dh_tiles_kernel[(token_blocks, k)](
                 hidden[start:start + rows], weight, bias if bias is not None else weight,
@@ -248,7 +254,7 @@ def aot_specs(cc: int, dtype: str) -> list[dict]:
     """Both kernels for one target and operand dtype ("fp16" / "bf16" / "fp32"), with and without bias, in the
     config `tile_config` picks there, as `aot.compile_specs` takes them."""
     p = f"*{dtype}"
-    cfg = CONFIGS["fp32"] if dtype == "fp32" else CONFIGS["t4" if cc < 80 else "sm80"]
+    cfg = config_for(cc, dtype == "fp32")
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "cc": cc}
     blocks = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K")}
     common = {"X": p, "W": p, "B": p, "Y": "*i64"}

@@ -178,10 +178,10 @@ def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cud
     if tiles:
         from .kernels import cross_entropy_tiles as ct
 
-        cfg = ct.CONFIGS["fp32" if b == 4 else "sm80"] if cuda else ct.CONFIGS["cpu"]
+        cfg = ct.config_for(80 if cuda else None, b == 4)  # tiles are the default from sm_80
         grad_bytes = 4 if dtype == torch.float16 else b
         acc = ct.acc_rows(tokens, grad_bytes, cfg["BLOCK_N"]) * hidden * 4 if grad_bytes != 4 else 0
-        want = ct.PROGRAMS_PER_SM * sm_count if cuda else 4
+        want = ct.PROGRAMS_PER_SM * sm_count if cuda else ct.INTERPRETER_PROGRAMS
         k, _ = ct.splits(-(-tokens // cfg["BLOCK_N"]), vocab, cfg["BLOCK_V"], want)
         return tokens * hidden * grad_bytes + acc + 4 * k * tokens * 4
     budget = DEFAULT_CHUNK_BYTES if cuda else CPU_CHUNK_BYTES

@@ -9,6 +9,7 @@ import nbhelpers.kernels.cross_entropy as ce
 import nbhelpers.kernels.cross_entropy_tiles as ct
 from nbhelpers.memory import LiveBytes, fused_ce_bytes
 from numerics import INTERPRETING, rel_err
+from test_cross_entropy import reference
 
 N, H, V = 37, 40, 101  # CPU tiles are 16 x 32 (K and H blocks of 16): nothing divides evenly
 interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs in the interpreter child")
@@ -36,18 +37,13 @@ def loss_and_dh(fn, hidden, weight, bias, labels, reduction, upstream, **kw):
     return loss.detach(), x.grad
 
 
-def reference(hidden, weight, labels, bias=None, reduction="mean"):
-    return ce.cross_entropy_reference(hidden.double(), weight.double(), labels,
-                                      bias.double() if bias is not None else None, reduction=reduction)
-
-
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_tiles_match_full_logits(dtype, reduction, bias):
     hidden, weight, b, labels = make(dtype=dtype, bias=bias)
-    assert ct.splits(-(-N // 16), V, 32, 4)[0] > 1  # the merge of vocabulary splits is exercised
+    assert ct.splits(-(-N // 16), V, 32, ct.INTERPRETER_PROGRAMS)[0] > 1  # the merge of vocabulary splits is exercised
     upstream = torch.randn(N) if reduction == "none" else torch.tensor(0.7)
     loss, dh = loss_and_dh(ce.fused_linear_cross_entropy, hidden, weight, b, labels, reduction, upstream,
                            method="tiles")
