@@ -5,7 +5,9 @@ sinks), full causal and sliding window 128, forward and forward+backward:
   time (ms, median from triton.testing.do_bench on CUDA), TFLOP/s (useful FLOPs: 4*D per visible query-key pair
   and head forward, 2.5x that more for the backward), peak memory above the inputs (MiB).
 
-  nbhelpers  nbhelpers.kernels.attention.attention(q, k, v, sinks, sliding_window=W)
+  nbhelpers  nbhelpers.kernels.attention.attention(q, k, v, sinks, sliding_window=W): the path it picks
+  triton / efficient   the same with backend= forced: our Triton kernels, or torch's CUTLASS attention with the
+             sinks added around it (the default below sm_80, where Triton's dots have no tensor cores)
   eager      transformers' gpt-oss eager attention (repeat_kv, [L, L] scores + sink column, softmax)
   flex       torch.compile(flex_attention) with a causal(/window) BlockMask, enable_gqa, the LSE returned, and
              out * sigmoid(lse - sink): the sink correction (exact, differentiable; the strongest public method)
@@ -17,6 +19,7 @@ eager). Every method's output is checked against nbhelpers' at the first length 
   python benchmarks/attention.py                       # L = 1k..32k on the GPU
   python benchmarks/attention.py --lengths 1024 8192 --json out.json
   python benchmarks/attention.py --quick               # tiny shapes on CPU: checks the script end to end
+  python benchmarks/attention.py --lengths 2048 8192 --methods triton efficient --dtype float16   # a T4's choice
 """
 from __future__ import annotations
 
@@ -46,10 +49,10 @@ def flops(L, heads, dim, window, backward):
 
 
 # ---- the methods ------------------------------------------------------------------------------------------------
-def make_ours(window):
+def make_ours(window, backend=None):
     from nbhelpers.kernels.attention import attention
 
-    return lambda q, k, v, s: attention(q, k, v, s, sliding_window=window)
+    return lambda q, k, v, s: attention(q, k, v, s, sliding_window=window, backend=backend)
 
 
 def additive_mask(L_q, L_k, window, device, dtype):
@@ -168,6 +171,8 @@ def main(argv=None):
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--decode-context", type=int, default=4096)
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU, to check the script runs")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: bf16 where supported, else fp16 (fp32 on CPU)")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not a.quick
@@ -176,6 +181,8 @@ def main(argv=None):
         a.lengths, a.heads, a.kv_heads, a.dim, a.window = [64, 96], 4, 1, 16, 16
         a.decode_batch, a.decode_context = 2, 128
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else (torch.float16 if cuda else torch.float32)
+    if a.dtype:
+        dtype = getattr(torch, a.dtype)
     import transformers
 
     import triton
@@ -199,6 +206,8 @@ def main(argv=None):
                         continue
                     try:
                         fn = {"nbhelpers": lambda: make_ours(window), "eager": lambda: make_eager(window),
+                              "triton": lambda: make_ours(window, "triton"),
+                              "efficient": lambda: make_ours(window, "efficient"),
                               "flex": lambda: make_flex(window, L, device, compile_=cuda),
                               "sdpa": lambda: make_sdpa(window)}[method]()
                         x = inputs_for(1, a.heads, a.kv_heads, L, a.dim, dtype, device, backward)

@@ -218,7 +218,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     (`offload_layer_weights`; needs gradient_checkpointing). NF4 linears only move with fused_layers: bitsandbytes'
     own forward keeps its weight until backward, so they stay.
     attn_implementation: "eager" stores attention probabilities; anything else is treated as flash-style.
-    Default: "eager" for gpt-oss (sinks), "sdpa" otherwise.
+    Default: "eager" for gpt-oss (sinks), "sdpa" otherwise. "nbhelpers" in fp16 on a GPU (a T4) adds the
+    repeated K/V of its CUTLASS path under GQA.
     lora_experts: LoRA on every expert of every layer (default: for gpt-oss).
     optimizer: the trainer's `optim` name: "adamw" / "adamw_torch" / "adamw_torch_fused" (two fp32 moments per
     LoRA parameter) or "adamw_8bit" / "paged_adamw_8bit" (bitsandbytes' 8-bit AdamW).
@@ -290,6 +291,10 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     if quantization == "mxfp4" and cuda and dtype == torch.float16 and c["expert_lora_stacks"]:
         dequantized = max(i * o for _, i, o in c["expert_lora_stacks"]) * b
     layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
+    if attn == "nbhelpers" and cuda and dtype == torch.float16 and m["nq"] != m["nkv"]:
+        # a T4 runs our attention on torch's CUTLASS kernels (`kernels/attention/efficient.py`): backward holds K
+        # and V repeated to every query head, and their gradients at that size, before the group sums
+        layer_phase += 4 * t * m["q"] * b
     if attn == "eager":  # the probabilities' gradient and the softmax backward's output
         layer_phase += 2 * batch * m["nq"] * seq_len * seq_len * b
     final_norm = t * m["H"] * (4 + b)

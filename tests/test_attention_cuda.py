@@ -72,3 +72,38 @@ def test_cuda_decode_and_varlen(dtype):
     assert rel(out, ref) <= TOL[dtype]
     out.sum().backward()
     assert torch.isfinite(qp.grad).all() and torch.isfinite(kp.grad).all()
+
+
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,window,causal", [
+    (2, 8, 1, 333, 333, 64, None, True),     # GQA 8, not a multiple of 32 (the kernel's lse padding)
+    (1, 16, 2, 700, 700, 64, 128, True),     # gpt-oss's window, bottom-right causal
+    (2, 4, 4, 129, 300, 128, 64, True),      # queries after a cache
+    (1, 8, 2, 65, 97, 64, None, False),      # not causal
+])
+def test_cuda_efficient_backend(dtype, B, Hq, Hkv, Lq, Lk, D, window, causal):
+    """torch's CUTLASS attention with the sinks added around it (the T4's default) vs the fp64 reference."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
+    s = (torch.randn(Hq, device="cuda", generator=g) * 2).requires_grad_()
+    out = attention(q, k, v, s, causal=causal, sliding_window=window, backend="efficient")
+    do = torch.randn_like(out)
+    out.backward(do)
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v, s)]
+    ref = attention_reference(*ins, causal=causal, sliding_window=window)
+    ref.backward(do.double())
+    errs = [rel(out, ref)] + [rel(a.grad, b.grad) for a, b in zip((q, k, v, s), ins)]
+    print("efficient", dtype, B, Hq, Hkv, Lq, Lk, D, window, causal, ["%.1e" % e for e in errs])
+    assert max(errs) <= TOL[dtype], errs
+
+
+def test_cuda_default_path_by_capability():
+    """Below sm_80 (Triton without tensor cores) unpadded fp16 batches take the efficient backend, else Triton."""
+    from nbhelpers.kernels import attention as attn_pkg, tensor_core_dots
+
+    q = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
+    expected = "triton" if tensor_core_dots(q.device) else "efficient"
+    assert attn_pkg._path(q, q, q, None, None, True, 128, None) == expected
+    assert attn_pkg._path(q, q, q, torch.zeros(1, device="cuda", dtype=torch.int32), None, True, 128, None) \
+        == "triton"

@@ -201,6 +201,10 @@ def test_gpt_oss_20b_on_a_t4_tells_the_truth():
                 optimizer="adamw_8bit")
     assert small["total"] - memory.estimate(cfg, lora_r=8, **head, **kw)["total"] > 201088 * 2880 * 2
     assert memory.estimate(cfg, lora_r=16, **head, **kw)["total"] <= 14 * GB
+    # on a T4 our attention runs torch's CUTLASS kernels: K/V repeated to 64 heads and their gradients (4 x t x q)
+    flash = memory.estimate(cfg, lora_r=8, **head, **{**kw, "attn_implementation": "sdpa"})
+    ours = memory.estimate(cfg, lora_r=8, **head, **kw)
+    assert ours.phases["layer"] - flash.phases["layer"] == 4 * 2048 * 64 * 64 * 2
 
 
 def test_kv_cache_counts_kv_heads_and_windows():

@@ -1,6 +1,6 @@
 """Flash attention with gpt-oss sinks, sliding windows, left padding, GQA and packed (varlen) sequences.
 
-    attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None)
+    attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None, ...)
     attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sinks=None, ...)
 
 q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (Hq % Hkv == 0, Lq <= Lk). Query i sits at position Lk - Lq + i; key j is
@@ -12,7 +12,9 @@ from device memory (no host synchronisation: a compiled decode step / CUDA graph
 keys at kv_end once (one host read; all rows must then share one kv_end).
 The math, in plain torch: `reference.py`. Kernels: `forward.py`, `backward_dkdv.py`, `backward_dq.py`, `decode.py`
 + `decode_combine.py`; block sizes per GPU: `configs.py`. CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) run
-the Triton kernels; other CPU tensors run `chunked.py`, the same algorithm in torch with O(L * chunk) memory.
+the Triton kernels; other CPU tensors run `chunked.py`, the same algorithm in torch with O(L * chunk) memory. On a
+GPU below sm_80 (a T4), where Triton's dots have no tensor cores, unpadded batches run torch's CUTLASS attention with
+the sinks added around it (`efficient.py`); left padding, packed sequences and decoding stay on Triton there.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import functools
 
 import torch
 
-from .. import on_device, use_triton
-from . import chunked, compiled, configs
+from .. import on_device, tensor_core_dots, triton_available, use_triton
+from . import chunked, compiled, configs, efficient
 from .reference import attention_reference, attention_varlen_reference
 
 __all__ = ["attention", "attention_varlen", "decode_attention", "attention_reference", "attention_varlen_reference"]
@@ -153,30 +155,62 @@ def _varlen_chunked_backward(do, q, k, v, lse, delta, scale, causal, window, cu)
     return dq, dk, dv
 
 
+BACKENDS = (None, "triton", "efficient")
+
+
+def _path(q, k, v, kv_start, cu, causal, window, backend):
+    """Which implementation runs: "efficient" (torch's CUTLASS kernels + the sink correction, `efficient.py`) by
+    default on CUDA GPUs whose Triton dots have no tensor cores (a T4), "triton" on other GPUs and under the
+    interpreter, "chunked" (torch, CPU) otherwise. `backend` forces one and raises when it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
+    why = efficient.unsupported(q, k, causal=causal, window=window, kv_start=kv_start, varlen=cu is not None)
+    if backend == "efficient":
+        if why:
+            raise ValueError(f"attention: backend='efficient' does not take {why}")
+        return "efficient"
+    if backend == "triton" and not use_triton(q, k, v):
+        raise ValueError("attention: backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 "
+                         f"(q is on {q.device}, triton importable: {triton_available()})")
+    if backend is None and q.is_cuda and why is None and not tensor_core_dots(q.device):
+        return "efficient"
+    return "triton" if use_triton(q, k, v) else "chunked"
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, kv_start, cu, scale, causal, window):
-        triton_path = use_triton(q, k, v)
-        if triton_path:
+    def forward(ctx, q, k, v, sinks, kv_start, cu, scale, causal, window, backend=None):
+        path = _path(q, k, v, kv_start, cu, causal, window, backend)
+        ctx.rng = None
+        if path == "efficient":  # lse: the kernel's padded buffer, its first Lq entries the rows'
+            out, lse, ctx.rng = efficient.forward(q, k, v, sinks, scale, causal, window)
+        elif path == "triton":
             out, lse = _fwd_triton(q, k, v, sinks, scale, causal, window, kv_start, cu)
         elif cu is not None:
             out, lse = _varlen_chunked_forward(q, k, v, sinks, scale, causal, window, cu)
         else:
             out, lse = chunked.forward(q, k, v, sinks, scale, causal, window, kv_start)
         ctx.save_for_backward(q, k, v, out, lse, sinks, kv_start)
-        ctx.cu, ctx.scale, ctx.causal, ctx.window, ctx.triton_path = cu, scale, causal, window, triton_path
+        ctx.cu, ctx.scale, ctx.causal, ctx.window, ctx.path = cu, scale, causal, window, path
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, sinks, kv_start = ctx.saved_tensors
+        q, k, v, out, saved_lse, sinks, kv_start = ctx.saved_tensors
         cu = ctx.cu
-        do = do.contiguous()
-        delta = (do.float() * out.float()).sum(-1)  # [B, Hq, Lq], or [Tq, Hq] packed
+        args = (ctx.scale, ctx.causal, ctx.window)
+        lse = saved_lse
+        if ctx.path == "efficient":
+            lse = saved_lse[..., :q.shape[2]]
+        else:
+            do = do.contiguous()
+        acc = torch.promote_types(do.dtype, torch.float32)  # fp32, fp64 for fp64 inputs
+        delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Lq], or [Tq, Hq] packed
         if cu is not None:
             delta = delta.t().contiguous()  # [Hq, Tq], like lse
-        args = (ctx.scale, ctx.causal, ctx.window)
-        if ctx.triton_path:
+        if ctx.path == "efficient":
+            dq, dk, dv = efficient.backward(do, q, k, v, out, saved_lse, ctx.rng, *args)
+        elif ctx.path == "triton":
             dq, dk, dv = _bwd_triton(do, q, k, v, lse, delta, *args, kv_start, cu)
         elif cu is not None:
             dq, dk, dv = _varlen_chunked_backward(do, q, k, v, lse, delta, *args, cu)
@@ -186,10 +220,10 @@ class _Attention(torch.autograd.Function):
         if sinks is not None and ctx.needs_input_grad[3]:
             # dL/dsink_h = -sum_i exp(sink_h - LSE'_i) * Delta_i
             view = (-1, 1) if cu is not None else (1, -1, 1)
-            w = torch.exp(sinks.float().view(view) - lse)
+            w = torch.exp(sinks.to(lse.dtype).view(view) - lse)
             dims = (1,) if cu is not None else (0, 2)
             dsinks = -(w * delta).sum(dims).to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None
 
 
 # ---- public API ---------------------------------------------------------------------------------------------------
@@ -245,8 +279,11 @@ def _cut_at_kv_end(k, v, kv_end, lq):
 
 
 def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None,
-              kv_end=None):
-    """Attention with optional sinks [Hq], sliding window, left padding (kv_start [B]) and GQA; see the module doc."""
+              kv_end=None, backend=None):
+    """Attention with optional sinks [Hq], sliding window, left padding (kv_start [B]) and GQA; see the module doc.
+
+    backend: None picks (see `_path`; a few queries without gradients take the split-KV decode kernel), "triton"
+    or "efficient" (torch's fused kernels with the sink correction, `efficient.py`) force one."""
     _check(q, k, v, sinks, packed=False)
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"attention: Lq ({q.shape[2]}) must be <= Lk ({k.shape[2]}) (queries are the last Lq keys)")
@@ -259,7 +296,8 @@ def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     group = q.shape[1] // k.shape[1]
-    decodable = not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and use_triton(q, k, v)
+    decodable = not needs_grad and q.shape[2] * group <= DECODE_MAX_ROWS and use_triton(q, k, v) \
+        and backend != "efficient"
     if kv_end is not None:
         kv_end = _per_row(kv_end, "kv_end", q)
     if decodable and (kv_end is not None or q.shape[2] < k.shape[2]) and torch.compiler.is_compiling():
@@ -274,7 +312,7 @@ def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_
     if decodable and q.shape[2] < k.shape[2] and q.is_cuda:
         return decode_attention(q, k, v, sinks, causal=causal, sliding_window=window, softmax_scale=scale,
                                 kv_start=kv_start)
-    return _Attention.apply(q, k, v, sinks, kv_start, None, scale, causal, window)
+    return _Attention.apply(q, k, v, sinks, kv_start, None, scale, causal, window, backend)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sinks=None, *, causal=True,

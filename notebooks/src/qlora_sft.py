@@ -92,8 +92,10 @@ estimate = plan["estimate"]
 # %% [markdown]
 # ## Load the model in 4-bit
 # Every `nn.Linear` except the LM head becomes a bitsandbytes NF4 layer (double-quantized scales); computation
-# happens in `dtype`. Attention runs through `attn_implementation="nbhelpers"`: the package's Triton flash attention
-# (gpt-oss sinks and sliding windows, forward and backward, any GPU from a T4 up; a chunked torch path on CPU).
+# happens in `dtype`. Attention runs through `attn_implementation="nbhelpers"`: the package's flash attention with
+# gpt-oss's sinks and sliding windows, forward and backward. It is our Triton kernels from sm_80 up. On a T4 it is
+# torch's CUTLASS kernels with the sinks added around them, because Triton has no tensor cores there. On CPU it is
+# a chunked torch path.
 
 # %%
 model, tokenizer = nb.load_model(cfg["model_name"], quantization=cfg["quantization"], dtype=dtype, device=device,
