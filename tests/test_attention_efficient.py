@@ -1,4 +1,4 @@
-"""backend="efficient": torch's fused attention kernels with the sinks added around them (`kernels/attention/efficient.py`).
+"""backend="efficient": torch's fused attention kernels with the sinks added around them (`attention/efficient.py`).
 
 On CPU the wrapper runs around torch's CPU flash attention, so these tests check the sink algebra (output rescaled by
 exp(lse - lse'), the kernel's backward handed O' and lse') against the fp64 reference, forward and every gradient;
