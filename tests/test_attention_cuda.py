@@ -75,35 +75,58 @@ def test_cuda_decode_and_varlen(dtype):
 
 
 @pytest.mark.parametrize("dtype", dtypes(), ids=str)
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,window,causal", [
-    (2, 8, 1, 333, 333, 64, None, True),     # GQA 8, not a multiple of 32 (the kernel's lse padding)
-    (1, 16, 2, 700, 700, 64, 128, True),     # gpt-oss's window, bottom-right causal
-    (2, 4, 4, 129, 300, 128, 64, True),      # queries after a cache
-    (1, 8, 2, 65, 97, 64, None, False),      # not causal
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,window,causal,kvs", [
+    (2, 8, 1, 333, 333, 64, None, True, None),      # GQA 8, not a multiple of 32 (the kernel's lse padding)
+    (1, 16, 2, 700, 700, 64, 128, True, None),      # gpt-oss's window, bottom-right causal
+    (2, 4, 4, 129, 300, 128, 64, True, None),       # queries after a cache
+    (1, 8, 2, 65, 97, 64, None, False, None),       # not causal
+    (3, 8, 1, 333, 333, 64, 128, True, [0, 37, 332]),  # left padding, run as packed sequences
 ])
-def test_cuda_efficient_backend(dtype, B, Hq, Hkv, Lq, Lk, D, window, causal):
+def test_cuda_efficient_backend(dtype, B, Hq, Hkv, Lq, Lk, D, window, causal, kvs):
     """torch's CUTLASS attention with the sinks added around it (the T4's default) vs the fp64 reference."""
     g = torch.Generator(device="cuda").manual_seed(2)
     mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
     q, k, v = mk(B, Hq, Lq, D), mk(B, Hkv, Lk, D), mk(B, Hkv, Lk, D)
     s = (torch.randn(Hq, device="cuda", generator=g) * 2).requires_grad_()
-    out = attention(q, k, v, s, causal=causal, sliding_window=window, backend="efficient")
+    kv = torch.tensor(kvs, device="cuda") if kvs else None
+    out = attention(q, k, v, s, causal=causal, sliding_window=window, kv_start=kv, backend="efficient")
     do = torch.randn_like(out)
     out.backward(do)
     ins = [t.detach().double().requires_grad_() for t in (q, k, v, s)]
-    ref = attention_reference(*ins, causal=causal, sliding_window=window)
+    ref = attention_reference(*ins, causal=causal, sliding_window=window, kv_start=kv)
     ref.backward(do.double())
     errs = [rel(out, ref)] + [rel(a.grad, b.grad) for a, b in zip((q, k, v, s), ins)]
-    print("efficient", dtype, B, Hq, Hkv, Lq, Lk, D, window, causal, ["%.1e" % e for e in errs])
+    print("efficient", dtype, B, Hq, Hkv, Lq, Lk, D, window, causal, kvs, ["%.1e" % e for e in errs])
+    assert max(errs) <= TOL[dtype], errs
+
+
+@pytest.mark.parametrize("dtype", dtypes(), ids=str)
+def test_cuda_efficient_packed(dtype):
+    """Packed sequences on the CUTLASS kernels' variable-length mode (lse per sequence) vs the reference."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lens_q, lens_k = [300, 1, 77, 513], [300, 40, 77, 600]
+    cu_q = torch.tensor([0] + lens_q, device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = mk(sum(lens_q), 16, 64), mk(sum(lens_k), 2, 64), mk(sum(lens_k), 2, 64)
+    s = (torch.randn(16, device="cuda", generator=g) * 2).requires_grad_()
+    out = attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), s, sliding_window=128, backend="efficient")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, s), do)
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v, s)]
+    ref = attention_varlen_reference(*ins[:3], cu_q, cu_k, ins[3], sliding_window=128)
+    ref_grads = torch.autograd.grad(ref, ins, do.double())
+    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+    print("efficient packed", dtype, ["%.1e" % e for e in errs])
     assert max(errs) <= TOL[dtype], errs
 
 
 def test_cuda_default_path_by_capability():
-    """Below sm_80 (Triton without tensor cores) unpadded fp16 batches take the efficient backend, else Triton."""
+    """Below sm_80 (Triton without tensor cores) fp16 batches take the efficient backend, else Triton."""
     from nbhelpers.kernels import attention as attn_pkg, tensor_core_dots
 
     q = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
     expected = "triton" if tensor_core_dots(q.device) else "efficient"
     assert attn_pkg._path(q, q, q, None, None, True, 128, None) == expected
     assert attn_pkg._path(q, q, q, torch.zeros(1, device="cuda", dtype=torch.int32), None, True, 128, None) \
-        == "triton"
+        == expected

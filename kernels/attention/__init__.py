@@ -13,8 +13,8 @@ keys at kv_end once (one host read; all rows must then share one kv_end).
 The math, in plain torch: `reference.py`. Kernels: `forward.py`, `backward_dkdv.py`, `backward_dq.py`, `decode.py`
 + `decode_combine.py`; block sizes per GPU: `configs.py`. CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) run
 the Triton kernels; other CPU tensors run `chunked.py`, the same algorithm in torch with O(L * chunk) memory. On a
-GPU below sm_80 (a T4), where Triton's dots have no tensor cores, unpadded batches run torch's CUTLASS attention with
-the sinks added around it (`efficient.py`); left padding, packed sequences and decoding stay on Triton there.
+GPU below sm_80 (a T4), where Triton's dots have no tensor cores, training and prefill run torch's CUTLASS attention
+with the sinks added around it (`efficient.py`); decoding (a few queries, no gradient) stays on Triton there.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def _path(q, k, v, kv_start, cu, causal, window, backend):
     interpreter, "chunked" (torch, CPU) otherwise. `backend` forces one and raises when it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
-    why = efficient.unsupported(q, k, causal=causal, window=window, kv_start=kv_start, varlen=cu is not None)
+    why = efficient.unsupported(q, causal=causal, window=window)
     if backend == "efficient":
         if why:
             raise ValueError(f"attention: backend='efficient' does not take {why}")
@@ -172,7 +172,7 @@ def _path(q, k, v, kv_start, cu, causal, window, backend):
     if backend == "triton" and not use_triton(q, k, v):
         raise ValueError("attention: backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 "
                          f"(q is on {q.device}, triton importable: {triton_available()})")
-    if backend is None and q.is_cuda and why is None and not tensor_core_dots(q.device):
+    if backend is None and q.is_cuda and why is None and not tensor_core_dots(q.device):  # a T4
         return "efficient"
     return "triton" if use_triton(q, k, v) else "chunked"
 
@@ -181,9 +181,11 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, kv_start, cu, scale, causal, window, backend=None):
         path = _path(q, k, v, kv_start, cu, causal, window, backend)
-        ctx.rng = None
-        if path == "efficient":  # lse: the kernel's padded buffer, its first Lq entries the rows'
-            out, lse, ctx.rng = efficient.forward(q, k, v, sinks, scale, causal, window)
+        ctx.state = None
+        if path == "efficient" and cu is not None:
+            out, lse, ctx.state = efficient.forward_packed(q, k, v, sinks, scale, causal, window, cu)
+        elif path == "efficient":
+            out, lse, ctx.state = efficient.forward(q, k, v, sinks, scale, causal, window, kv_start)
         elif path == "triton":
             out, lse = _fwd_triton(q, k, v, sinks, scale, causal, window, kv_start, cu)
         elif cu is not None:
@@ -196,20 +198,19 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, saved_lse, sinks, kv_start = ctx.saved_tensors
+        q, k, v, out, lse, sinks, kv_start = ctx.saved_tensors
         cu = ctx.cu
         args = (ctx.scale, ctx.causal, ctx.window)
-        lse = saved_lse
-        if ctx.path == "efficient":
-            lse = saved_lse[..., :q.shape[2]]
-        else:
+        if ctx.path != "efficient":
             do = do.contiguous()
         acc = torch.promote_types(do.dtype, torch.float32)  # fp32, fp64 for fp64 inputs
         delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Lq], or [Tq, Hq] packed
         if cu is not None:
             delta = delta.t().contiguous()  # [Hq, Tq], like lse
-        if ctx.path == "efficient":
-            dq, dk, dv = efficient.backward(do, q, k, v, out, saved_lse, ctx.rng, *args)
+        if ctx.path == "efficient" and cu is not None:
+            dq, dk, dv = efficient.backward_packed(do, q, k, v, out, ctx.state, *args)
+        elif ctx.path == "efficient":
+            dq, dk, dv = efficient.backward(do, q, k, v, out, ctx.state, *args)
         elif ctx.path == "triton":
             dq, dk, dv = _bwd_triton(do, q, k, v, lse, delta, *args, kv_start, cu)
         elif cu is not None:
@@ -316,8 +317,9 @@ def attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sinks=None, *, causal=True,
-                     sliding_window=None, softmax_scale=None):
-    """Packed sequences as flash-attn's varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens [B + 1] (int32)."""
+                     sliding_window=None, softmax_scale=None, backend=None):
+    """Packed sequences as flash-attn's varlen: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens [B + 1] (int32).
+    backend: as for `attention`."""
     _check(q, k, v, sinks, packed=True)
     cu_q = torch.as_tensor(cu_seqlens_q, device=q.device).to(torch.int32).contiguous()
     cu_k = torch.as_tensor(cu_seqlens_k, device=q.device).to(torch.int32).contiguous()
@@ -327,7 +329,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     cu = (cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k))
-    return _Attention.apply(q, k, v, sinks, None, cu, scale, causal, _window(sliding_window))
+    return _Attention.apply(q, k, v, sinks, None, cu, scale, causal, _window(sliding_window), backend)
 
 
 def decode_attention(q, k, v, sinks=None, *, causal=True, sliding_window=None, softmax_scale=None, kv_start=None,

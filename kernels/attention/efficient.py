@@ -16,8 +16,13 @@ sinks. A sink logit t_h only joins the softmax's denominator, so it is added aro
 The kernels want one K/V head per query head, so under GQA K and V are repeated for the call (a transient of
 2 x B x Lk x Hq x D elements; only the unrepeated K and V are saved for backward) and their gradients are summed
 back over each group. Visibility is the Triton kernels' (see `reference.py`): query i sits at position
-Lk - Lq + i, causal keeps j <= position, a window W keeps position - j < W. Left padding (kv_start) and packed
-sequences are not taken here; the caller sends those to Triton.
+Lk - Lq + i, causal keeps j <= position, a window W keeps position - j < W.
+
+Packed sequences (cu_seqlens) use the kernels' own variable-length mode, where the log-sum-exp comes back per
+sequence, [sequences, H, max_q rounded up]; token t of sequence b reads row b, entry t - cu_q[b]. Left padding
+(kv_start) becomes packed sequences: row b's keys from kv_start[b] on and its queries from the first one that sees
+a key are gathered, run as one sequence each, and scattered back; queries before any key give zeros (LSE' = t_h),
+as on the other paths. That costs one host read of kv_start and the gathers.
 
 On CPU the same wrapper runs around torch's CPU flash attention (additive mask for the band), which is how the tests
 check the algebra above without a GPU. The CUDA call's layout, masks and log-sum-exp padding are checked on a GPU by
@@ -33,12 +38,8 @@ CAUSAL_FROM_BOTTOM_RIGHT = 2  # torch's custom_mask_type: the last query sees th
 NO_MASK = 0
 
 
-def unsupported(q: torch.Tensor, k: torch.Tensor, *, causal: bool, window: int | None, kv_start, varlen: bool):
+def unsupported(q: torch.Tensor, *, causal: bool, window: int | None):
     """Why these inputs cannot take this path (a sentence), or None when they can."""
-    if varlen:
-        return "packed (varlen) sequences"
-    if kv_start is not None:
-        return "left padding (kv_start)"
     if window is not None and not causal:
         return "a sliding window without a causal mask"
     if q.is_cuda:
@@ -54,22 +55,24 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, *, causal: bool, window: int |
     return None
 
 
-def _repeat(t: torch.Tensor, group: int) -> torch.Tensor:
-    """[B, Hkv, L, D] -> [B, L, Hkv * group, D] contiguous, each K/V head repeated for its query heads."""
-    t = t.transpose(1, 2)
+def _repeat(t: torch.Tensor, group: int, heads_dim: int) -> torch.Tensor:
+    """K or V with each head repeated for its query heads, heads moved to dim -2, contiguous ([B, L, Hq, D] from
+    [B, Hkv, L, D] when heads_dim is 1, [T, Hq, D] from [T, Hkv, D] when it is -2)."""
+    if heads_dim == 1:
+        t = t.transpose(1, 2)
     if group == 1:
         return t.contiguous()
-    B, L, H, D = t.shape
-    return t[:, :, :, None, :].expand(B, L, H, group, D).reshape(B, L, H * group, D)
+    *lead, H, D = t.shape
+    return t[..., None, :].expand(*lead, H, group, D).reshape(*lead, H * group, D)
 
 
 def _fold(g: torch.Tensor, hkv: int) -> torch.Tensor:
-    """Gradient [B, L, Hq, D] of repeated heads -> [B, Hkv, L, D], summed over each group (in fp32 for 16-bit)."""
-    B, L, Hq, D = g.shape
-    if Hq != hkv:
-        acc = torch.float32 if g.element_size() < 4 else g.dtype
-        g = g.view(B, L, hkv, Hq // hkv, D).sum(3, dtype=acc).to(g.dtype)
-    return g.transpose(1, 2)
+    """Gradient [..., Hq, D] of repeated heads -> [..., Hkv, D], summed over each group (in fp32 for 16-bit)."""
+    *lead, Hq, D = g.shape
+    if Hq == hkv:
+        return g
+    acc = torch.float32 if g.element_size() < 4 else g.dtype
+    return g.view(*lead, hkv, Hq // hkv, D).sum(-2, dtype=acc).to(g.dtype)
 
 
 def _mask_type(causal: bool) -> int:
@@ -82,26 +85,16 @@ def _band_mask(lq, lk, causal, window, dtype, device):
     return torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill(~ok, float("-inf"))
 
 
-def _kernel_forward(q_, k_, v_, scale, causal, window):
-    """q_, k_, v_ [B, L, H, D] -> (O [B, Lq, H, D], lse [B, H, >= Lq] fp32, rng state for the backward)."""
-    if q_.is_cuda:
-        out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
-            q_, k_, v_, None, None, None, None, None, 0.0, _mask_type(causal), True, scale=scale,
-            window_size=window)
-        return out, lse, (seed, offset)
+# ---- the kernels: q_, k_, v_ [B, L, H, D] (B = 1 with cu = (cu_q, cu_k, max_q, max_k) for packed sequences) -------
+def _cpu_forward(q_, k_, v_, scale, causal, window):
     mask = _band_mask(q_.shape[1], k_.shape[1], causal, window, q_.dtype, q_.device)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2), lse, None
+        t(q_), t(k_), t(v_), 0.0, False, attn_mask=mask, scale=scale)
+    return t(out), lse
 
 
-def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window):
-    if q_.is_cuda:
-        seed, offset = rng
-        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
-            do_, q_, k_, v_, None, out_, None, None, q_.shape[1], k_.shape[1], lse, 0.0, seed, offset,
-            _mask_type(causal), False, scale=scale, window_size=window)
-        return dq, dk, dv
+def _cpu_backward(do_, q_, k_, v_, out_, lse, scale, causal, window):
     mask = _band_mask(q_.shape[1], k_.shape[1], causal, window, q_.dtype, q_.device)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -109,29 +102,185 @@ def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window):
     return tuple(t(g) for g in grads)
 
 
-def forward(q, k, v, sinks, scale, causal, window):
-    """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> (O' [B, Hq, Lq, D], lse' [B, Hq, >= Lq] fp32, rng).
+def _cpu_segments(cu):
+    cu_q, cu_k = cu[0].tolist(), cu[1].tolist()
+    return [(b, cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]) for b in range(len(cu_q) - 1) if cu_q[b + 1] > cu_q[b]]
 
-    lse' (the sink included) is the kernel's own buffer, padding and all, as its backward wants it back; the
-    caller reads its first Lq entries.
-    """
+
+def _kernel_forward(q_, k_, v_, scale, causal, window, cu=None):
+    """-> (O [B, Lq, H, D], lse fp32 [B (or sequences), H, >= Lq (or max_q)], rng state for the backward)."""
+    if q_.is_cuda:
+        cu_q, cu_k, max_q, max_k = cu if cu is not None else (None, None, None, None)
+        out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
+            q_, k_, v_, None, cu_q, cu_k, max_q, max_k, 0.0, _mask_type(causal), True, scale=scale,
+            window_size=window)
+        return out, lse, (seed, offset)
+    if cu is None:
+        return (*_cpu_forward(q_, k_, v_, scale, causal, window), None)
+    # CPU stand-in for the variable-length mode: one call per sequence, the lse in the kernel's layout
+    out = torch.zeros_like(q_)
+    lse = torch.zeros(cu[0].numel() - 1, q_.shape[2], cu[2], dtype=torch.promote_types(q_.dtype, torch.float32))
+    for b, qs, qe, ks, ke in _cpu_segments(cu):
+        out[:, qs:qe], lse[b:b + 1, :, :qe - qs] = _cpu_forward(q_[:, qs:qe], k_[:, ks:ke], v_[:, ks:ke], scale,
+                                                                causal, window)
+    return out, lse, None
+
+
+def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu=None):
+    if q_.is_cuda:
+        cu_q, cu_k, max_q, max_k = cu if cu is not None else (None, None, q_.shape[1], k_.shape[1])
+        seed, offset = rng
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+            do_, q_, k_, v_, None, out_, cu_q, cu_k, max_q, max_k, lse, 0.0, seed, offset, _mask_type(causal), False,
+            scale=scale, window_size=window)
+        return dq, dk, dv
+    if cu is None:
+        return _cpu_backward(do_, q_, k_, v_, out_, lse, scale, causal, window)
+    dq, dk, dv = torch.zeros_like(q_), torch.zeros_like(k_), torch.zeros_like(v_)
+    for b, qs, qe, ks, ke in _cpu_segments(cu):
+        dq[:, qs:qe], dk[:, ks:ke], dv[:, ks:ke] = _cpu_backward(
+            do_[:, qs:qe], q_[:, qs:qe], k_[:, ks:ke], v_[:, ks:ke], out_[:, qs:qe], lse[b:b + 1, :, :qe - qs],
+            scale, causal, window)
+    return dq, dk, dv
+
+
+# ---- the sink correction -------------------------------------------------------------------------------------------
+def _add_sinks(out, lse, rows, sinks):
+    """O [..., T, H, D] and the kernel's lse -> (O', lse' in the kernel's layout, LSE' of O's rows as [..., H, T]).
+
+    rows(lse) reads the kernel's lse as [..., H, T] for O's rows; rows(lse, value) writes value there."""
+    mine = rows(lse)
+    if sinks is None:
+        return out, lse, mine
+    with_sink = torch.logaddexp(mine, sinks.to(lse.dtype).view(-1, 1))  # lse: fp32, or fp64 for fp64 inputs
+    out = (out.to(lse.dtype) * torch.exp(mine - with_sink).transpose(-1, -2)[..., None]).to(out.dtype)
+    lse = lse.clone()
+    rows(lse, with_sink)
+    return out, lse, with_sink
+
+
+class State:
+    """What the backward needs besides q, k, v and O': the kernel's lse', its rng state, and for packed runs the
+    cu_seqlens (and, for left padding, where the packed tokens came from)."""
+
+    def __init__(self, lse, rng, cu=None, q_index=None, k_index=None):
+        self.lse, self.rng, self.cu, self.q_index, self.k_index = lse, rng, cu, q_index, k_index
+
+
+def _packed_rows(cu, total_q):
+    """rows() for the variable-length lse [S, H, pad]: token t of sequence b is lse[b, :, t - cu_q[b]]."""
+    cu_q = cu[0].long()
+    lens = cu_q[1:] - cu_q[:-1]
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu_q.device), lens, output_size=total_q)
+    local = torch.arange(total_q, device=cu_q.device) - cu_q[seq]
+
+    def rows(lse, value=None):
+        if value is None:
+            return lse[seq, :, local].transpose(0, 1)
+        lse[seq, :, local] = value.transpose(0, 1)
+    return rows
+
+
+def forward_packed(q, k, v, sinks, scale, causal, window, cu):
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D], cu = (cu_q, cu_k, max_q, max_k) -> (O' [Tq, Hq, D], LSE' [Hq, Tq], State)."""
     group = q.shape[1] // k.shape[1]
-    out, lse, rng = _kernel_forward(q.transpose(1, 2), _repeat(k, group), _repeat(v, group), scale, causal, window)
-    if sinks is not None:
-        lq = q.shape[2]
-        rows = lse[..., :lq]
-        with_sink = torch.logaddexp(rows, sinks.to(lse.dtype).view(1, -1, 1))  # lse: fp32, or fp64 for fp64
-        out = (out.to(lse.dtype) * torch.exp(rows - with_sink).transpose(1, 2)[..., None]).to(out.dtype)
-        lse = lse.clone()
-        lse[..., :lq] = with_sink
-    return out.transpose(1, 2), lse, rng
+    out, lse, rng = _kernel_forward(q[None], _repeat(k, group, -2)[None], _repeat(v, group, -2)[None], scale, causal,
+                                    window, cu)
+    rows = _packed_rows(cu, q.shape[0])
+    out, lse, lse_rows = _add_sinks(out[0], lse, rows, sinks)
+    return out, lse_rows, State(lse, rng, cu)
 
 
-def backward(do, q, k, v, out, lse, rng, scale, causal, window):
-    """Gradients of q, k, v from dO [B, Hq, Lq, D] and what `forward` returned (O', lse', rng)."""
-    hkv = k.shape[1]
-    group = q.shape[1] // hkv
+def backward_packed(do, q, k, v, out, state, scale, causal, window):
+    group = q.shape[1] // k.shape[1]
+    dq, dk, dv = _kernel_backward(do.contiguous()[None], q[None], _repeat(k, group, -2)[None],
+                                  _repeat(v, group, -2)[None], out[None], state.lse, state.rng, scale, causal, window,
+                                  state.cu)
+    return dq[0], _fold(dk[0], k.shape[1]), _fold(dv[0], k.shape[1])
+
+
+def _left_padding_as_sequences(kv_start, B, lq, lk, device):
+    """Row b keeps keys kv_start[b].. and the queries that see one (position Lk - Lq + i >= kv_start[b]); as packed
+    sequences: (cu, q_index into [B * Lq], k_index into [B * Lk]). One host read of kv_start."""
+    q_index, k_index, cu_q, cu_k = [], [], [0], [0]
+    for b, start in enumerate(kv_start.tolist()):
+        first_q = max(0, start - (lk - lq))
+        if start >= lk:
+            continue  # nothing visible: all zeros
+        q_index.append(torch.arange(b * lq + first_q, (b + 1) * lq, device=device))
+        k_index.append(torch.arange(b * lk + start, (b + 1) * lk, device=device))
+        cu_q.append(cu_q[-1] + lq - first_q)
+        cu_k.append(cu_k[-1] + lk - start)
+    if len(cu_q) == 1:
+        return None
+    lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    cu = (torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
+          max(lens_q), max(lens_k))
+    return cu, torch.cat(q_index), torch.cat(k_index)
+
+
+def forward(q, k, v, sinks, scale, causal, window, kv_start=None):
+    """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> (O' [B, Hq, Lq, D], LSE' [B, Hq, Lq] fp32, State)."""
+    B, Hq, lq, D = q.shape
+    if kv_start is not None:
+        return _forward_left_padded(q, k, v, sinks, scale, causal, window, kv_start)
+    group = Hq // k.shape[1]
+    out, lse, rng = _kernel_forward(q.transpose(1, 2), _repeat(k, group, 1), _repeat(v, group, 1), scale, causal,
+                                    window)
+
+    def rows(t, value=None):  # the kernel pads each row of its lse [B, Hq, >= Lq] to a multiple of 32
+        if value is None:
+            return t[..., :lq]
+        t[..., :lq] = value
+
+    out, lse, lse_rows = _add_sinks(out, lse, rows, sinks)
+    return out.transpose(1, 2), lse_rows, State(lse, rng)
+
+
+def _tokens(t):
+    """[B, H, L, D] -> [B * L, H, D] (a view for what transformers hands over: [B, L, H, D] memory)."""
+    B, H, L, D = t.shape
+    return t.transpose(1, 2).reshape(B * L, H, D)
+
+
+def _forward_left_padded(q, k, v, sinks, scale, causal, window, kv_start):
+    B, Hq, lq, D = q.shape
+    packed = _left_padding_as_sequences(kv_start, B, lq, k.shape[2], q.device)
+    out = torch.zeros(B, lq, Hq, D, dtype=q.dtype, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if sinks is None:
+        lse_rows = torch.full((Hq, B * lq), float("-inf"), dtype=acc, device=q.device)
+    else:  # rows that see no key: LSE' = log(exp(t_h))
+        lse_rows = sinks.to(acc)[:, None].expand(Hq, B * lq).clone()
+    if packed is not None:
+        cu, q_index, k_index = packed
+        o, rows, state = forward_packed(_tokens(q)[q_index], _tokens(k)[k_index], _tokens(v)[k_index], sinks, scale,
+                                        causal, window, cu)
+        out.view(B * lq, Hq, D)[q_index] = o
+        lse_rows[:, q_index] = rows.to(acc)
+        state.q_index, state.k_index = q_index, k_index
+    else:
+        state = State(None, None)
+    return out.transpose(1, 2), lse_rows.view(Hq, B, lq).transpose(0, 1), state
+
+
+def backward(do, q, k, v, out, state, scale, causal, window):
+    """Gradients of q, k, v from dO [B, Hq, Lq, D] and what `forward` returned (O', State)."""
+    B, Hq, lq, D = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = Hq // hkv
     t = lambda x: x.transpose(1, 2)  # noqa: E731
-    dq, dk, dv = _kernel_backward(t(do).contiguous(), t(q), _repeat(k, group), _repeat(v, group), t(out), lse, rng,
-                                  scale, causal, window)
-    return t(dq), _fold(dk, hkv), _fold(dv, hkv)
+    if state.q_index is None and state.lse is None:  # left padding with no visible key anywhere
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if state.q_index is None:
+        dq, dk, dv = _kernel_backward(t(do).contiguous(), t(q), _repeat(k, group, 1), _repeat(v, group, 1), t(out),
+                                      state.lse, state.rng, scale, causal, window)
+        return t(dq), t(_fold(dk, hkv)), t(_fold(dv, hkv))
+    qi, ki = state.q_index, state.k_index
+    dqp, dkp, dvp = backward_packed(_tokens(do)[qi], _tokens(q)[qi], _tokens(k)[ki], _tokens(v)[ki],
+                                    _tokens(out)[qi], state, scale, causal, window)
+    dq = torch.zeros(B * lq, Hq, D, dtype=q.dtype, device=q.device).index_copy_(0, qi, dqp)
+    dk = torch.zeros(B * lk, hkv, D, dtype=k.dtype, device=k.device).index_copy_(0, ki, dkp)
+    dv = torch.zeros(B * lk, hkv, D, dtype=v.dtype, device=v.device).index_copy_(0, ki, dvp)
+    return t(dq.view(B, lq, Hq, D)), t(dk.view(B, lk, hkv, D)), t(dv.view(B, lk, hkv, D))

@@ -95,8 +95,10 @@ estimate = nb.check_memory(cfg["model_name"], device, seq_len=256 + cfg["max_com
 # ## Load the model
 # `quantization="mxfp4"` keeps gpt-oss's experts in their native MXFP4 blocks (4.25 bits per weight) and computes
 # with them directly; attention, router and embeddings stay in 16-bit. `attn_implementation="nbhelpers"` is the
-# package's Triton attention with sinks, sliding windows and a decode kernel for left-padded batches (registered
-# with transformers by `import nbhelpers`). The tiny preset uses transformers' eager attention.
+# package's attention with sinks, sliding windows and a decode kernel for left-padded batches (registered with
+# transformers by `import nbhelpers`). It runs our Triton kernels, except on a T4: there training and prefill run
+# torch's CUTLASS kernels with the sinks added around them, because Triton has no tensor cores on a T4. The tiny
+# preset uses transformers' eager attention.
 
 # %%
 model, tokenizer = nb.load_model(cfg["model_name"], quantization=cfg["quantization"], dtype=dtype, device=device,
