@@ -149,7 +149,16 @@ def moe_experts(x: torch.Tensor, router_indices: torch.Tensor, routing_weights: 
     weighted = (o * p[:, None]).to(x.dtype)
     if valid is not None:  # dropped routes: rows the kernel left at zero, plus whatever LoRA added
         weighted = torch.where(valid[:, None], weighted, torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.zeros_like(x).index_add(0, token, weighted)
+    return combine_routes(weighted, order, x.shape[0], router_indices.shape[-1])
+
+
+def combine_routes(rows: torch.Tensor, order: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """Each token's sum of its routed rows: rows [R, H] at flat route positions `order` (token * k + slot, each at
+    most once) -> [tokens, H]. The rows go back to their slots (distinct positions: a plain copy) and the k slots
+    are summed in order, so the result does not depend on scheduling, unlike `index_add` on CUDA (atomic adds in
+    the output dtype). Routes not in `order` count as zero."""
+    slots = rows.new_zeros(tokens * top_k, rows.shape[-1]).index_copy(0, order, rows)
+    return slots.view(tokens, top_k, -1).sum(1)
 
 
 def moe_experts_reference(x: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,

@@ -74,3 +74,27 @@ def test_grouped_matmul_takes_non_contiguous_weights(interp):
     (dx,) = torch.autograd.grad(y, x, dy)
     (want,) = torch.autograd.grad(ref, x, dy)
     assert rel_err(dx, want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_combine_routes_is_index_add_without_atomics(dtype):
+    """The routed rows summed per token by slot (a copy to distinct positions, then a sum over k) equal index_add's
+    sum in fp64, with dropped routes counting as zero; in bf16 each token is rounded once from the fp32 sum (index_add
+    rounds after every add), and the gradient reaches every routed row."""
+    from nbhelpers.kernels.moe import combine_routes, sort_routes
+
+    g = torch.Generator().manual_seed(0)
+    T, k, E, H = 37, 4, 8, 24
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    idx[3, 1] = E  # a route owned elsewhere (expert parallelism): dropped
+    order, token, counts = sort_routes(idx, E)
+    assert len(order) == T * k - 1
+    rows = (torch.randn(len(order), H, generator=g) * 10).to(dtype).requires_grad_()
+    got = combine_routes(rows, order, T, k)
+    want = torch.zeros(T, H, dtype=torch.float64).index_add(0, token, rows.double())
+    if dtype == torch.float64:  # the same sum up to its order
+        assert (got - want).abs().max() <= 1e-12
+    else:
+        assert torch.equal(got, want.float().to(dtype))
+    got.backward(torch.ones_like(got))
+    assert torch.equal(rows.grad, torch.ones_like(rows))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.mxfp4 import dequantize_mxfp4
-from ..kernels.moe import gpt_oss_swiglu, sort_routes
+from ..kernels.moe import combine_routes, gpt_oss_swiglu, sort_routes
 from ..mxfp4_experts import Mxfp4Experts
 from .formats import BLOCK_SIZE, check_format, fake_quantize, fake_quantize_values
 
@@ -205,7 +205,7 @@ def qat_experts_forward(self, hidden_states, router_indices=None, routing_weight
     w, lora = experts_weight_and_lora(self, "down_proj")
     out = fq_grouped_matmul(act, w, counts, fmt, lora) + self.down_proj_bias[experts]
     out = out * routing_weights.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype)).reshape(shape)
+    return combine_routes(out.to(x.dtype), order, x.shape[0], router_indices.shape[-1]).reshape(shape)
 
 
 def linear_weight(module) -> torch.Tensor:
