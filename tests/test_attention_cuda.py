@@ -81,6 +81,7 @@ def test_cuda_decode_and_varlen(dtype):
     (2, 4, 4, 129, 300, 128, 64, True, None),       # queries after a cache
     (1, 8, 2, 65, 97, 64, None, False, None),       # not causal
     (3, 8, 1, 333, 333, 64, 128, True, [0, 37, 332]),  # left padding, run as packed sequences
+    (2, 8, 2, 200, 200, 64, None, False, [0, 50]),     # left padding, not causal
 ])
 def test_cuda_efficient_backend(dtype, B, Hq, Hkv, Lq, Lk, D, window, causal, kvs):
     """torch's CUTLASS attention with the sinks added around it (the T4's default) vs the fp64 reference."""
@@ -102,9 +103,10 @@ def test_cuda_efficient_backend(dtype, B, Hq, Hkv, Lq, Lk, D, window, causal, kv
 
 @pytest.mark.parametrize("dtype", dtypes(), ids=str)
 def test_cuda_efficient_packed(dtype):
-    """Packed sequences on the CUTLASS kernels' variable-length mode (lse per sequence) vs the reference."""
+    """Packed sequences on the CUTLASS kernels' variable-length mode (lse per sequence) vs the reference; the second
+    sequence has 45 queries for 40 keys, so its first 5 queries see no key (zeros)."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    lens_q, lens_k = [300, 1, 77, 513], [300, 40, 77, 600]
+    lens_q, lens_k = [300, 45, 77, 513], [300, 40, 77, 600]
     cu_q = torch.tensor([0] + lens_q, device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
     mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype).requires_grad_()  # noqa: E731

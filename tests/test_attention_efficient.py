@@ -36,6 +36,8 @@ GRID = [
     (2, 4, 2, 20, 20, 16, 50, False, True, [3, 20]),    # a row fully padded, no sinks
     (2, 4, 2, 20, 20, 16, 50, True, True, [19, 20]),    # one key in a row, none in the other: LSE' = sink
     (2, 8, 1, 17, 50, 64, 20, True, True, [4, 40]),     # queries after a cache, padding past the first query
+    (2, 4, 2, 13, 13, 16, None, True, False, [5, 0]),   # not causal with left padding: every query sees the keys
+    (2, 4, 2, 13, 13, 16, 4, True, True, [-2, 3]),      # a negative kv_start means no padding
 ]
 
 
@@ -65,11 +67,14 @@ def test_matches_reference(case, dtype):
     check(case, dtype)
 
 
-@pytest.mark.parametrize("window, sinks", [(None, True), (4, False), (128, True)])
+@pytest.mark.parametrize("window, sinks, lens_q", [(None, True, [5, 12, 1, 9]), (4, False, [5, 12, 1, 9]),
+                                                   (128, True, [5, 12, 1, 9]), (None, True, [5, 18, 3, 9]),
+                                                   (3, False, [5, 18, 3, 9])])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_packed_sequences(window, sinks, dtype):
-    """attention_varlen on the kernels' variable-length mode: lse per sequence, read back per token."""
-    lens_q, lens_k = [5, 12, 1, 9], [5, 15, 1, 30]
+def test_packed_sequences(window, sinks, lens_q, dtype):
+    """attention_varlen on the kernels' variable-length mode: lse per sequence, read back per token. The second
+    sequence has 18 queries for 15 keys in the last cases: its first 3 queries see no key and give zeros."""
+    lens_k = [5, 15, 1, 30]
     cu_q = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
     g = torch.Generator().manual_seed(4)
@@ -97,9 +102,19 @@ def test_saves_only_unrepeated_kv():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         out = attention(*ins, sliding_window=4, backend="efficient")
+    state = out.grad_fn.state  # what the backward keeps outside save_for_backward
+    saved += [t.numel() for t in vars(state).values() if isinstance(t, torch.Tensor)]
     assert saved and max(saved) < big, saved
     out.sum().backward()
     assert all(t.grad is not None for t in ins)
+
+
+def test_unsupported_names_the_reason():
+    q = torch.zeros(1, 2, 3, 16)
+    assert efficient.unsupported(q, causal=True, window=4) is None
+    assert efficient.unsupported(q, causal=False, window=None) is None
+    assert efficient.unsupported(q, causal=False, window=4) == "a sliding window without a causal mask"
+    assert "device meta" in efficient.unsupported(q.to("meta"), causal=True, window=None)
 
 
 def test_refusals():

@@ -201,12 +201,15 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, sinks, kv_start = ctx.saved_tensors
         cu = ctx.cu
         args = (ctx.scale, ctx.causal, ctx.window)
+        sink_grad = sinks is not None and ctx.needs_input_grad[3]
+        delta = None
         if ctx.path != "efficient":
             do = do.contiguous()
-        acc = torch.promote_types(do.dtype, torch.float32)  # fp32, fp64 for fp64 inputs
-        delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Lq], or [Tq, Hq] packed
-        if cu is not None:
-            delta = delta.t().contiguous()  # [Hq, Tq], like lse
+        if ctx.path != "efficient" or sink_grad:  # the efficient kernels compute their own
+            acc = torch.promote_types(do.dtype, torch.float32)  # fp32, fp64 for fp64 inputs
+            delta = (do.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Lq], or [Tq, Hq] packed
+            if cu is not None:
+                delta = delta.t().contiguous()  # [Hq, Tq], like lse
         if ctx.path == "efficient" and cu is not None:
             dq, dk, dv = efficient.backward_packed(do, q, k, v, out, ctx.state, *args)
         elif ctx.path == "efficient":
@@ -218,7 +221,7 @@ class _Attention(torch.autograd.Function):
         else:
             dq, dk, dv = chunked.backward(do, q, k, v, lse, delta, *args, kv_start)
         dsinks = None
-        if sinks is not None and ctx.needs_input_grad[3]:
+        if sink_grad:
             # dL/dsink_h = -sum_i exp(sink_h - LSE'_i) * Delta_i
             view = (-1, 1) if cu is not None else (1, -1, 1)
             w = torch.exp(sinks.to(lse.dtype).view(view) - lse)

@@ -24,9 +24,10 @@ sequence, [sequences, H, max_q rounded up]; token t of sequence b reads row b, e
 a key are gathered, run as one sequence each, and scattered back; queries before any key give zeros (LSE' = t_h),
 as on the other paths. That costs one host read of kv_start and the gathers.
 
-On CPU the same wrapper runs around torch's CPU flash attention (additive mask for the band), which is how the tests
-check the algebra above without a GPU. The CUDA call's layout, masks and log-sum-exp padding are checked on a GPU by
-`tests/test_attention_cuda.py` and `benchmarks/cuda_checks.py`.
+On CPU the same wrapper runs around torch's CPU flash attention (additive mask for the band; one call per sequence
+for the variable-length mode), returned in the CUDA kernel's layouts: O contiguous [B, M, H, D], lse rows padded to
+multiples of 32 with NaN (so a read of the padding shows). That is how the tests check the algebra above without a
+GPU. The CUDA call itself (its masks, window and layouts) is checked on a GPU by `tests/test_attention_cuda.py`.
 """
 from __future__ import annotations
 
@@ -86,12 +87,19 @@ def _band_mask(lq, lk, causal, window, dtype, device):
 
 
 # ---- the kernels: q_, k_, v_ [B, L, H, D] (B = 1 with cu = (cu_q, cu_k, max_q, max_k) for packed sequences) -------
+LSE_ALIGN = 32  # the CUDA kernel pads each lse row to a multiple of this; the CPU stand-in pads the same, with NaN
+
+
+def _padded(n):
+    return -(-n // LSE_ALIGN) * LSE_ALIGN
+
+
 def _cpu_forward(q_, k_, v_, scale, causal, window):
     mask = _band_mask(q_.shape[1], k_.shape[1], causal, window, q_.dtype, q_.device)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         t(q_), t(k_), t(v_), 0.0, False, attn_mask=mask, scale=scale)
-    return t(out), lse
+    return t(out).contiguous(), lse
 
 
 def _cpu_backward(do_, q_, k_, v_, out_, lse, scale, causal, window):
@@ -115,11 +123,15 @@ def _kernel_forward(q_, k_, v_, scale, causal, window, cu=None):
             q_, k_, v_, None, cu_q, cu_k, max_q, max_k, 0.0, _mask_type(causal), True, scale=scale,
             window_size=window)
         return out, lse, (seed, offset)
+    # the CPU stand-in, in the CUDA kernel's layouts: O contiguous [B, M, H, D], lse [B or S, H, padded] (NaN padding)
+    acc = torch.promote_types(q_.dtype, torch.float32)
     if cu is None:
-        return (*_cpu_forward(q_, k_, v_, scale, causal, window), None)
-    # CPU stand-in for the variable-length mode: one call per sequence, the lse in the kernel's layout
-    out = torch.zeros_like(q_)
-    lse = torch.zeros(cu[0].numel() - 1, q_.shape[2], cu[2], dtype=torch.promote_types(q_.dtype, torch.float32))
+        out, rows = _cpu_forward(q_, k_, v_, scale, causal, window)
+        lse = torch.full((*rows.shape[:2], _padded(rows.shape[2])), float("nan"), dtype=acc)
+        lse[..., :rows.shape[2]] = rows
+        return out, lse, None
+    out = torch.zeros_like(q_)  # variable-length mode: one call per sequence
+    lse = torch.full((cu[0].numel() - 1, q_.shape[2], _padded(cu[2])), float("nan"), dtype=acc)
     for b, qs, qe, ks, ke in _cpu_segments(cu):
         out[:, qs:qe], lse[b:b + 1, :, :qe - qs] = _cpu_forward(q_[:, qs:qe], k_[:, ks:ke], v_[:, ks:ke], scale,
                                                                 causal, window)
@@ -127,6 +139,8 @@ def _kernel_forward(q_, k_, v_, scale, causal, window, cu=None):
 
 
 def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu=None):
+    if not out_.is_contiguous():  # the CUDA kernel derives O's row stride from its shape
+        raise RuntimeError(f"efficient attention: O' must be contiguous [B, M, H, D], got strides {out_.stride()}")
     if q_.is_cuda:
         cu_q, cu_k, max_q, max_k = cu if cu is not None else (None, None, q_.shape[1], k_.shape[1])
         seed, offset = rng
@@ -135,7 +149,7 @@ def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu=
             scale=scale, window_size=window)
         return dq, dk, dv
     if cu is None:
-        return _cpu_backward(do_, q_, k_, v_, out_, lse, scale, causal, window)
+        return _cpu_backward(do_, q_, k_, v_, out_, lse[..., :q_.shape[1]], scale, causal, window)
     dq, dk, dv = torch.zeros_like(q_), torch.zeros_like(k_), torch.zeros_like(v_)
     for b, qs, qe, ks, ke in _cpu_segments(cu):
         dq[:, qs:qe], dk[:, ks:ke], dv[:, ks:ke] = _cpu_backward(
@@ -146,17 +160,15 @@ def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu=
 
 # ---- the sink correction -------------------------------------------------------------------------------------------
 def _add_sinks(out, lse, rows, sinks):
-    """O [..., T, H, D] and the kernel's lse -> (O', lse' in the kernel's layout, LSE' of O's rows as [..., H, T]).
-
-    rows(lse) reads the kernel's lse as [..., H, T] for O's rows; rows(lse, value) writes value there."""
+    """The kernel's fresh O [..., T, H, D] and lse -> LSE' of O's rows as [..., H, T]; O and lse become O' and lse'
+    in place. rows(lse) reads the kernel's lse as [..., H, T] for O's rows; rows(lse, value) writes value there."""
     mine = rows(lse)
     if sinks is None:
-        return out, lse, mine
+        return mine
     with_sink = torch.logaddexp(mine, sinks.to(lse.dtype).view(-1, 1))  # lse: fp32, or fp64 for fp64 inputs
-    out = (out.to(lse.dtype) * torch.exp(mine - with_sink).transpose(-1, -2)[..., None]).to(out.dtype)
-    lse = lse.clone()
+    out.mul_(torch.exp(mine - with_sink).transpose(-1, -2)[..., None])  # computed in lse's dtype, rounded once
     rows(lse, with_sink)
-    return out, lse, with_sink
+    return with_sink
 
 
 class State:
@@ -167,27 +179,37 @@ class State:
         self.lse, self.rng, self.cu, self.q_index, self.k_index = lse, rng, cu, q_index, k_index
 
 
-def _packed_rows(cu, total_q):
-    """rows() for the variable-length lse [S, H, pad]: token t of sequence b is lse[b, :, t - cu_q[b]]."""
-    cu_q = cu[0].long()
+def _packed_rows(cu, total_q, causal):
+    """rows() for the variable-length lse [S, H, pad] (token t of sequence b is lse[b, :, t - cu_q[b]]), and the
+    tokens that see no key (causal, before the first key: more queries than keys), or None when causal is off."""
+    cu_q, cu_k = cu[0].long(), cu[1].long()
     lens = cu_q[1:] - cu_q[:-1]
     seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu_q.device), lens, output_size=total_q)
     local = torch.arange(total_q, device=cu_q.device) - cu_q[seq]
+    keyless = local < (lens - (cu_k[1:] - cu_k[:-1]))[seq] if causal else None
 
     def rows(lse, value=None):
         if value is None:
             return lse[seq, :, local].transpose(0, 1)
         lse[seq, :, local] = value.transpose(0, 1)
-    return rows
+    return rows, keyless
 
 
 def forward_packed(q, k, v, sinks, scale, causal, window, cu):
-    """q [Tq, Hq, D], k/v [Tk, Hkv, D], cu = (cu_q, cu_k, max_q, max_k) -> (O' [Tq, Hq, D], LSE' [Hq, Tq], State)."""
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D], cu = (cu_q, cu_k, max_q, max_k) -> (O' [Tq, Hq, D], LSE' [Hq, Tq], State).
+
+    A causal sequence with more queries than keys has queries that see no key. They give zeros, as on the other
+    paths, whatever the kernel makes of a row with every key masked. Their lse is set to t_h (with sinks) or +inf
+    (without), so the backward's P = exp(S - lse) is 0 there."""
     group = q.shape[1] // k.shape[1]
     out, lse, rng = _kernel_forward(q[None], _repeat(k, group, -2)[None], _repeat(v, group, -2)[None], scale, causal,
                                     window, cu)
-    rows = _packed_rows(cu, q.shape[0])
-    out, lse, lse_rows = _add_sinks(out[0], lse, rows, sinks)
+    rows, keyless = _packed_rows(cu, q.shape[0], causal)
+    out = out[0]
+    if keyless is not None:
+        out.masked_fill_(keyless[:, None, None], 0)
+        rows(lse, rows(lse).masked_fill(keyless, float("-inf") if sinks is not None else float("inf")))
+    lse_rows = _add_sinks(out, lse, rows, sinks)
     return out, lse_rows, State(lse, rng, cu)
 
 
@@ -199,12 +221,13 @@ def backward_packed(do, q, k, v, out, state, scale, causal, window):
     return dq[0], _fold(dk[0], k.shape[1]), _fold(dv[0], k.shape[1])
 
 
-def _left_padding_as_sequences(kv_start, B, lq, lk, device):
-    """Row b keeps keys kv_start[b].. and the queries that see one (position Lk - Lq + i >= kv_start[b]); as packed
-    sequences: (cu, q_index into [B * Lq], k_index into [B * Lk]). One host read of kv_start."""
+def _left_padding_as_sequences(kv_start, B, lq, lk, causal, device):
+    """Row b keeps keys kv_start[b].. and the queries that see one (causal: position Lk - Lq + i >= kv_start[b];
+    otherwise all); as packed sequences: (cu, q_index into [B * Lq], k_index into [B * Lk]). One host read."""
     q_index, k_index, cu_q, cu_k = [], [], [0], [0]
     for b, start in enumerate(kv_start.tolist()):
-        first_q = max(0, start - (lk - lq))
+        start = max(0, start)
+        first_q = max(0, start - (lk - lq)) if causal else 0
         if start >= lk:
             continue  # nothing visible: all zeros
         q_index.append(torch.arange(b * lq + first_q, (b + 1) * lq, device=device))
@@ -234,7 +257,7 @@ def forward(q, k, v, sinks, scale, causal, window, kv_start=None):
             return t[..., :lq]
         t[..., :lq] = value
 
-    out, lse, lse_rows = _add_sinks(out, lse, rows, sinks)
+    lse_rows = _add_sinks(out, lse, rows, sinks)
     return out.transpose(1, 2), lse_rows, State(lse, rng)
 
 
@@ -246,7 +269,7 @@ def _tokens(t):
 
 def _forward_left_padded(q, k, v, sinks, scale, causal, window, kv_start):
     B, Hq, lq, D = q.shape
-    packed = _left_padding_as_sequences(kv_start, B, lq, k.shape[2], q.device)
+    packed = _left_padding_as_sequences(kv_start, B, lq, k.shape[2], causal, q.device)
     out = torch.zeros(B, lq, Hq, D, dtype=q.dtype, device=q.device)
     acc = torch.promote_types(q.dtype, torch.float32)
     if sinks is None:
