@@ -293,7 +293,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
     if attn == "nbhelpers" and cuda and dtype == torch.float16 and m["nq"] != m["nkv"]:
         # a T4 runs our attention on torch's CUTLASS kernels (`kernels/attention/efficient.py`): backward holds K
-        # and V repeated to every query head, and their gradients at that size, before the group sums
+        # and V repeated to every query head, and their gradients at that size, before the group sums. Not counted:
+        # a left-padded batch's gathered copies of q, k, v, O and dO (less than 5 x t x q more)
         layer_phase += 4 * t * m["q"] * b
     if attn == "eager":  # the probabilities' gradient and the softmax backward's output
         layer_phase += 2 * batch * m["nq"] * seq_len * seq_len * b
