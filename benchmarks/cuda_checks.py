@@ -9,6 +9,7 @@
   vs transformers' LlamaRMSNorm and GptOssRMSNorm, forward and backward
   decoder layers' weights offloaded to pinned host memory (offload_layer_weights) vs resident: same loss and grads
   page-locked host copies at their own size (nbhelpers.pinned): is_pinned, asynchronous copies, host memory taken
+  attention through torch's CUTLASS kernels with the sinks added around them (the T4's path) vs fp64
 
   python benchmarks/cuda_checks.py
 """
@@ -374,10 +375,49 @@ def check_fused(dev):
     return ok
 
 
+def check_attention_efficient(dev):
+    """The T4's attention path (torch's CUTLASS kernels + the sink correction), forced here on any GPU: gpt-oss
+    shapes with window 128, left padding and packed sequences vs the fp64 reference, forward and every gradient."""
+    from nbhelpers.kernels.attention import attention, attention_varlen
+    from nbhelpers.kernels.attention.reference import attention_reference, attention_varlen_reference
+
+    ok = True
+    g = torch.Generator(device=dev).manual_seed(0)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.get_device_capability(dev)[0] >= 8
+                                               else [])
+    for dtype in dtypes:
+        tol = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1.6e-2)
+        for window, kvs in ((None, None), (128, None), (128, [0, 41])):
+            mk = lambda *s: torch.randn(*s, device=dev, generator=g).to(dtype).requires_grad_()  # noqa: E731
+            q, k, v = mk(2, 64, 517, 64), mk(2, 8, 517, 64), mk(2, 8, 517, 64)
+            s = (torch.randn(64, device=dev, generator=g) * 2).requires_grad_()
+            kv = torch.tensor(kvs, device=dev) if kvs else None
+            out = attention(q, k, v, s, sliding_window=window, kv_start=kv, backend="efficient")
+            do = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (q, k, v, s), do)
+            ins = [t.detach().double().requires_grad_() for t in (q, k, v, s)]
+            ref = attention_reference(*ins, sliding_window=window, kv_start=kv)
+            errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, torch.autograd.grad(ref, ins, do.double()))]
+            ok &= max(errs) <= tol
+            print(f"attention efficient {dtype} window {window} kv_start {kvs}: rel err out/dq/dk/dv/ds "
+                  + " ".join(f"{e:.1e}" for e in errs) + f" (bound {tol:.0e})")
+        lens = [300, 1, 77, 513]
+        cu = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
+        qp, kp, vp = (torch.randn(sum(lens), h, 64, device=dev, generator=g).to(dtype) for h in (16, 2, 2))
+        out = attention_varlen(qp, kp, vp, cu, cu, max(lens), max(lens), s[:16].detach(), sliding_window=128,
+                               backend="efficient")
+        ref = attention_varlen_reference(qp.double(), kp.double(), vp.double(), cu, cu, s[:16].detach().double(),
+                                         sliding_window=128)
+        ok &= rel(out, ref) <= tol
+        print(f"attention efficient packed {dtype}: rel err {rel(out, ref):.1e}")
+    return ok
+
+
 if __name__ == "__main__":
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__)
-    ok = check_ce(dev)
+    ok = check_attention_efficient(dev)
+    ok &= check_ce(dev)
     ok &= check_ce_tiles(dev)
     ok &= check_streamed_head(dev)
     ok &= check_pinned(dev)
