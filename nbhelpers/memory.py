@@ -285,13 +285,14 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
 
     # working sets of the phases
     grads_in_flight = 3 * t * m["H"] * b  # gradient of the hidden state in, out, and of the residual branch
+    t4 = cuda and dtype == torch.float16  # fp16 GPU runs are counted as on a T4 (bf16 means sm_80+)
     # bitsandbytes dequantizes an NF4 weight for each matmul. MXFP4 experts are decoded tile by tile in-kernel, but
-    # on a T4 (counted for fp16 GPU runs) one expert's weight at a time is decoded for cuBLAS (`mxfp4_matmul.py`)
+    # on a T4 one expert's weight at a time is decoded for cuBLAS (`mxfp4_matmul.py`)
     dequantized = c["max_linear"] * b * 2 if quantization == "nf4" else 0
-    if quantization == "mxfp4" and cuda and dtype == torch.float16 and c["expert_lora_stacks"]:
+    if quantization == "mxfp4" and t4 and c["expert_lora_stacks"]:
         dequantized = max(i * o for _, i, o in c["expert_lora_stacks"]) * b
     layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
-    if attn == "nbhelpers" and cuda and dtype == torch.float16 and m["nq"] != m["nkv"]:
+    if attn == "nbhelpers" and t4 and m["nq"] != m["nkv"]:
         # a T4 runs our attention on torch's CUTLASS kernels (`kernels/attention/efficient.py`): backward holds K
         # and V repeated to every query head, and their gradients at that size, before the group sums. Not counted:
         # a left-padded batch's gathered copies of q, k, v, O and dO (less than 5 x t x q more)

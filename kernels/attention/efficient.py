@@ -56,11 +56,8 @@ def unsupported(q: torch.Tensor, *, causal: bool, window: int | None):
     return None
 
 
-def _repeat(t: torch.Tensor, group: int, heads_dim: int) -> torch.Tensor:
-    """K or V with each head repeated for its query heads, heads moved to dim -2, contiguous ([B, L, Hq, D] from
-    [B, Hkv, L, D] when heads_dim is 1, [T, Hq, D] from [T, Hkv, D] when it is -2)."""
-    if heads_dim == 1:
-        t = t.transpose(1, 2)
+def _repeat(t: torch.Tensor, group: int) -> torch.Tensor:
+    """K or V [..., Hkv, D] with each head repeated for its query heads: [..., Hq, D], contiguous."""
     if group == 1:
         return t.contiguous()
     *lead, H, D = t.shape
@@ -202,7 +199,7 @@ def forward_packed(q, k, v, sinks, scale, causal, window, cu):
     paths, whatever the kernel makes of a row with every key masked. Their lse is set to t_h (with sinks) or +inf
     (without), so the backward's P = exp(S - lse) is 0 there."""
     group = q.shape[1] // k.shape[1]
-    out, lse, rng = _kernel_forward(q[None], _repeat(k, group, -2)[None], _repeat(v, group, -2)[None], scale, causal,
+    out, lse, rng = _kernel_forward(q[None], _repeat(k, group)[None], _repeat(v, group)[None], scale, causal,
                                     window, cu)
     rows, keyless = _packed_rows(cu, q.shape[0], causal)
     out = out[0]
@@ -215,8 +212,8 @@ def forward_packed(q, k, v, sinks, scale, causal, window, cu):
 
 def backward_packed(do, q, k, v, out, state, scale, causal, window):
     group = q.shape[1] // k.shape[1]
-    dq, dk, dv = _kernel_backward(do.contiguous()[None], q[None], _repeat(k, group, -2)[None],
-                                  _repeat(v, group, -2)[None], out[None], state.lse, state.rng, scale, causal, window,
+    dq, dk, dv = _kernel_backward(do.contiguous()[None], q[None], _repeat(k, group)[None], _repeat(v, group)[None],
+                                  out[None], state.lse, state.rng, scale, causal, window,
                                   state.cu)
     return dq[0], _fold(dk[0], k.shape[1]), _fold(dv[0], k.shape[1])
 
@@ -236,21 +233,19 @@ def _left_padding_as_sequences(kv_start, B, lq, lk, causal, device):
         cu_k.append(cu_k[-1] + lk - start)
     if len(cu_q) == 1:
         return None
-    lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
-    lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
     cu = (torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
-          max(lens_q), max(lens_k))
+          longest(cu_q), longest(cu_k))
     return cu, torch.cat(q_index), torch.cat(k_index)
 
 
 def forward(q, k, v, sinks, scale, causal, window, kv_start=None):
     """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> (O' [B, Hq, Lq, D], LSE' [B, Hq, Lq] fp32, State)."""
-    B, Hq, lq, D = q.shape
     if kv_start is not None:
         return _forward_left_padded(q, k, v, sinks, scale, causal, window, kv_start)
-    group = Hq // k.shape[1]
-    out, lse, rng = _kernel_forward(q.transpose(1, 2), _repeat(k, group, 1), _repeat(v, group, 1), scale, causal,
-                                    window)
+    lq, group = q.shape[2], q.shape[1] // k.shape[1]
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    out, lse, rng = _kernel_forward(t(q), _repeat(t(k), group), _repeat(t(v), group), scale, causal, window)
 
     def rows(t, value=None):  # the kernel pads each row of its lse [B, Hq, >= Lq] to a multiple of 32
         if value is None:
@@ -297,7 +292,7 @@ def backward(do, q, k, v, out, state, scale, causal, window):
     if state.q_index is None and state.lse is None:  # left padding with no visible key anywhere
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if state.q_index is None:
-        dq, dk, dv = _kernel_backward(t(do).contiguous(), t(q), _repeat(k, group, 1), _repeat(v, group, 1), t(out),
+        dq, dk, dv = _kernel_backward(t(do).contiguous(), t(q), _repeat(t(k), group), _repeat(t(v), group), t(out),
                                       state.lse, state.rng, scale, causal, window)
         return t(dq), t(_fold(dk, hkv)), t(_fold(dv, hkv))
     qi, ki = state.q_index, state.k_index
