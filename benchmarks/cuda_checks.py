@@ -322,8 +322,11 @@ def check_fused(dev):
             out.backward(dh)
             res.append([out.detach()] + [t.grad for t in leaves])
         errs = [rel(u, r) for u, r in zip(*res)]
-        ok &= max(errs) <= 2 * eps
-        print(f"SwiGLU {dtype}: rel err h {errs[0]:.2e} dg {errs[1]:.2e} du {errs[2]:.2e} (bound {2 * eps:.1e})")
+        # 16-bit: both round an fp32 result once. fp32: both compute sigmoid(g) (1 + g (1 - sigmoid(g))) in fp32 in
+        # their own order, a few roundings each (2.66e-7 = 2.2 eps for dg on an H100, 2026-11-23)
+        bound = (8 if dtype == torch.float32 else 2) * eps
+        ok &= max(errs) <= bound
+        print(f"SwiGLU {dtype}: rel err h {errs[0]:.2e} dg {errs[1]:.2e} du {errs[2]:.2e} (bound {bound:.1e})")
 
         def proj(n, k, r, bias=False):
             w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dev, dtype)  # O(1) outputs: no fp16 overflow

@@ -15,9 +15,15 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 if ! python -c "import bitsandbytes" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
+# the repo is not pip-installed there: its root goes on the path, and `nbhelpers.kernels` (pyproject maps the
+# top-level kernels/ folder to it) becomes a link inside the device's copy of the tree
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+[ -e nbhelpers/kernels ] || ln -s ../kernels nbhelpers/kernels
+python -c "import nbhelpers.kernels" || { echo "nbhelpers.kernels does not import" >&2; exit 2; }
 
 step() {  # step NAME SECONDS COMMAND...: run, keep the log, never stop the part
     local name=$1 limit=$2

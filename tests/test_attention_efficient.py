@@ -164,3 +164,23 @@ def test_gpt_oss_train_step_through_it(tiny_gpt_oss, monkeypatch):
     ours, eager = load(tiny_gpt_oss, "nbhelpers"), load(tiny_gpt_oss, "eager")
     compare_train_step(ours, eager, ours.config.vocab_size)
     assert calls == {"efficient": ours.config.num_hidden_layers}
+
+
+def test_backward_sees_only_square_causal_problems(monkeypatch):
+    """The CUTLASS backward got non-square causal sequences wrong on an H100 (docs/benchmarks.md, twelfth session):
+    `_squared` hands it square ones only. Every causal (sequence of a) call the kernel's backward gets has as many
+    queries as keys: dense queries after a cache, left padding after a cache, packed sequences with fewer and with
+    more queries than keys."""
+    seen = []
+    real = efficient._cpu_backward
+
+    def spy(do_, q_, k_, v_, out_, lse, scale, causal, window):
+        seen.append((causal, q_.shape[1], k_.shape[1]))
+        return real(do_, q_, k_, v_, out_, lse, scale, causal, window)
+
+    monkeypatch.setattr(efficient, "_cpu_backward", spy)
+    for case in (GRID[2], GRID[11]):
+        check(case, torch.float64)
+    test_packed_sequences(3, False, [5, 18, 3, 9], torch.float64)
+    causal = [(lq, lk) for c, lq, lk in seen if c]
+    assert len(causal) >= 2 + 4 and all(lq == lk for lq, lk in causal), seen

@@ -24,6 +24,9 @@ sequence, [sequences, H, max_q rounded up]; token t of sequence b reads row b, e
 a key are gathered, run as one sequence each, and scattered back; queries before any key give zeros (LSE' = t_h),
 as on the other paths. That costs one host read of kv_start and the gathers.
 
+The backward is only handed causal sequences with as many queries as keys (`_squared`): on an H100 the CUTLASS
+backward was wrong for the others (bottom-right mask, window), while its forward was right.
+
 On CPU the same wrapper runs around torch's CPU flash attention (additive mask for the band; one call per sequence
 for the variable-length mode), returned in the CUDA kernel's layouts: O contiguous [B, M, H, D], lse rows padded to
 multiples of 32 with NaN (so a read of the padding shows). That is how the tests check the algebra above without a
@@ -135,9 +138,59 @@ def _kernel_forward(q_, k_, v_, scale, causal, window, cu=None):
     return out, lse, None
 
 
+def _squared(do_, q_, out_, lse, lk, cu):
+    """A causal problem made square for the kernel's backward: every sequence gets as many query rows as it has keys.
+
+    On an H100 (torch 2.11) the CUTLASS backward gave wrong dq, dk and dv (relative error ~1.5) for bottom-right
+    causal masks with a window when a sequence had fewer or more queries than keys, while its forward and the square
+    cases were right. So the backward only ever sees square sequences: the queries of a sequence with fewer queries
+    than keys are preceded by dummy rows (q = dO = O' = 0, lse = +inf: P = exp(S - lse) = 0 and Delta = 0, so they
+    add nothing to dk, dv), and of one with more, the leading queries that see no key (dq = 0) are left out.
+    -> (dO, q, O', lse, cu) for the kernel, and unsquare(dq) -> dq for the original rows."""
+    if cu is None:  # dense inputs have Lq <= Lk (`attention` refuses more queries than keys)
+        B, lq, H, D = q_.shape
+        pad = lk - lq
+        lse2 = lse.new_full((B, H, _padded(lk)), float("inf"))
+        lse2[..., pad:lk] = lse[..., :lq]
+        front = lambda t: torch.cat([t.new_zeros(B, pad, H, D), t], 1)  # noqa: E731
+        return front(do_), front(q_), front(out_), lse2, None, lambda dq: dq[:, pad:]
+    # packed: token i of sequence b goes to row cu_k[b] + i + (lk_b - lq_b) when that is within the sequence, else to
+    # a spare row past the end (dropped); no host read
+    cu_q, cu_k, _, max_k = cu
+    tq, H, D = q_.shape[1:]
+    tk = int(lk)
+    lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).long(), (cu_k[1:] - cu_k[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lens_q.numel(), device=q_.device), lens_q, output_size=tq)
+    local = torch.arange(tq, device=q_.device) - cu_q.long()[seq]  # the token's row within its sequence
+    row = local + (lens_k - lens_q)[seq]  # its row in the squared sequence; < 0: it sees no key
+    kept = row >= 0
+    dest = torch.where(kept, cu_k.long()[seq] + row, tk)
+    width = _padded(max_k)
+
+    def spread(t):
+        return t.new_zeros(tk + 1, H, D).index_copy_(0, dest, t[0])[:tk][None]
+
+    lse2 = lse.new_full((lse.shape[0], H, width + 1), float("inf"))  # column `width`: the dropped tokens' spare
+    lse2[seq, :, torch.where(kept, row, width)] = lse[seq, :, local]
+    lse2 = lse2[..., :width].contiguous()
+    return (spread(do_), spread(q_), spread(out_), lse2, (cu_k, cu_k, max_k, max_k),
+            lambda dq: torch.cat([dq[0], dq.new_zeros(1, H, D)])[dest][None])
+
+
+def _is_square(q_, k_, cu) -> bool:
+    """Known without a host read: dense shapes; packed runs whose query and key offsets are one tensor."""
+    if cu is None:
+        return q_.shape[1] == k_.shape[1]
+    return cu[0] is cu[1] or (cu[0].data_ptr() == cu[1].data_ptr() and cu[0].shape == cu[1].shape)
+
+
 def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu=None):
     if not out_.is_contiguous():  # the CUDA kernel derives O's row stride from its shape
         raise RuntimeError(f"efficient attention: O' must be contiguous [B, M, H, D], got strides {out_.stride()}")
+    if causal and not _is_square(q_, k_, cu):
+        do_, q_, out_, lse, cu, unsquare = _squared(do_, q_, out_, lse, k_.shape[1], cu)
+        dq, dk, dv = _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu)
+        return unsquare(dq), dk, dv
     if q_.is_cuda:
         cu_q, cu_k, max_q, max_k = cu if cu is not None else (None, None, q_.shape[1], k_.shape[1])
         seed, offset = rng
@@ -234,8 +287,9 @@ def _left_padding_as_sequences(kv_start, B, lq, lk, causal, device):
     if len(cu_q) == 1:
         return None
     longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
-    cu = (torch.tensor(cu_q, dtype=torch.int32, device=device), torch.tensor(cu_k, dtype=torch.int32, device=device),
-          longest(cu_q), longest(cu_k))
+    cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=device)
+    cu_k_t = cu_q_t if cu_k == cu_q else torch.tensor(cu_k, dtype=torch.int32, device=device)  # one tensor: square
+    cu = (cu_q_t, cu_k_t, longest(cu_q), longest(cu_k))
     return cu, torch.cat(q_index), torch.cat(k_index)
 
 
