@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh 3     # fused CE: frozen head (chunks vs tiles), trainable head, streamed head
 #   bash benchmarks/gpu_session.sh 4     # rollouts, QAT
 #   bash benchmarks/gpu_session.sh 5     # QLoRA with every offload
-#   bash benchmarks/gpu_session.sh 6     # attention: the CUDA tests (the T4's CUTLASS path too), Triton vs CUTLASS
+#   bash benchmarks/gpu_session.sh 6     # attention: the CUTLASS backward probe, the CUDA tests, Triton vs CUTLASS
 #
 # bitsandbytes is not in every image: a wheel under .whl/ is installed into /tmp/site first when present.
 set -u
@@ -65,7 +65,8 @@ case "${1:-1}" in
         nbhelpers-layers --json "$OUT/qlora_offload.json"
     ;;
 6)
-    step attention_cuda 200 python -m pytest -q -x -s tests/test_attention_cuda.py
+    step cutlass_probe 60 python benchmarks/cutlass_backward_probe.py
+    step attention_cuda 200 python -m pytest -q -s tests/test_attention_cuda.py
     step attention_backends 300 python benchmarks/attention.py --lengths 2048 8192 --methods triton efficient flex \
         --dtype float16 --rep 50 --json "$OUT/attention_backends.json"
     ;;
