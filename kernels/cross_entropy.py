@@ -11,8 +11,8 @@ Frozen head (only dh is wanted): tokens are processed in chunks of C rows, so at
 logits (and its gradient in the weight's dtype) exists at a time; C is chosen from a byte budget (`chunk_bytes`).
 Per chunk: one matmul for the logits, one row kernel (`_ce_rows_kernel`: online logsumexp, loss, and the logit
 gradient in the weight's dtype: two passes over the row) and one matmul for dh, which is then final for those rows.
-On an sm_80+ GPU a frozen head takes the tile kernels of `cross_entropy_tiles.py` instead (`method`): no logits in
-memory at all, for one more matmul-sized pass.
+`method="tiles"` takes a frozen head through the kernels of `cross_entropy_tiles.py` instead: no logits in memory
+at all, for one more matmul-sized pass (and, measured on an H100, 2.5x the chunks' time).
 
 Trainable head: dW [V, H] sums over all tokens. Accumulating it over token chunks would need either a [V, H] fp32
 accumulator (2x the output in bf16) or rounding to the weight's dtype once per chunk. Instead the token pass above
@@ -58,7 +58,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, on_device, tensor_core_dots, use_triton
+from . import autocast_dtype, on_device, use_triton
 from .cross_entropy_tiles import tiles_grad, tiles_loss
 
 try:
@@ -280,7 +280,7 @@ def _process(hidden, weight, bias, labels, scale, ignore_index, chunk_bytes, nee
     Returns loss [N], lse [N], entropy [N], is_top1 [N] and, with `scale`, dh [N, H] (hidden's dtype, if
     `need_dh`), dW [V, H] (weight's dtype) and db [V] (fp32) where asked for.
     """
-    if _method(method, hidden, weight, scale is not None and (need_dw or need_db)) == "tiles":
+    if _method(method, hidden, weight) == "tiles":
         return _process_tiles(hidden, weight, bias, labels, scale, ignore_index, stats, need_dh, mm_dtype)
     n, v = hidden.shape[0], weight.shape[0]
     rows, cols = _chunks(n, v, hidden, weight, chunk_bytes, scale is not None and need_dw)
@@ -448,10 +448,10 @@ def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_b
     return loss, lse, ent, top1, dh
 
 
-def _method(method, hidden, weight, head_grads: bool) -> str:
-    """"chunks" or "tiles" for a resident head. None: tiles for a frozen head on a GPU whose tensor cores Triton
-    uses (`tensor_core_dots`: sm_80 and later) unless deterministic algorithms are asked for (tiles add with
-    atomics), chunks otherwise (cuBLAS for the matmuls)."""
+def _method(method, hidden, weight) -> str:
+    """"chunks" or "tiles" for a resident head. None: chunks (cuBLAS for the matmuls). On an H100 the tiles took
+    1.9x the time of plain logits + F.cross_entropy at 8k x 201,088 and the chunks 0.74x (docs/benchmarks.md,
+    2026-11-23), so tiles are for when memory, not time, is short; below sm_80 Triton's dots have no tensor cores."""
     if method not in (None, "chunks", "tiles"):
         raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
     if method == "tiles":  # a trainable head was refused by `fused_linear_cross_entropy`, before the forward
@@ -461,9 +461,6 @@ def _method(method, hidden, weight, head_grads: bool) -> str:
         if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
             raise RuntimeError("method='tiles' adds into dh with atomics, in no fixed order, and "
                                "torch.use_deterministic_algorithms(True) is on: use method='chunks' (or None)")
-        return "tiles"
-    if method is None and hidden.is_cuda and not head_grads and use_triton(hidden, weight) \
-            and tensor_core_dots(hidden.device) and not torch.are_deterministic_algorithms_enabled():
         return "tiles"
     return "chunks"
 
@@ -569,8 +566,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     stream: None streams a frozen head that lives on another device than `hidden` (host memory, see
     `nbhelpers.offload_lm_head`) block by block; True streams it wherever it is (the same arithmetic, e.g. on CPU).
     method (a resident head): "tiles" computes a frozen head's loss and dh in tiles that never leave the chip (no
-    logits in memory, one more matmul-sized pass; `cross_entropy_tiles.py`), "chunks" as above; None: tiles for a
-    frozen head on an sm_80+ GPU, chunks otherwise (on a T4 Triton's matmuls have no tensor cores).
+    logits in memory, one more matmul-sized pass; `cross_entropy_tiles.py`; slower), "chunks" as above; None: chunks.
     """
     _check(hidden, weight, labels, bias, reduction)
     stream = _streams(hidden, weight, bias, stream)

@@ -71,7 +71,7 @@ def _shifted(labels, shift_labels, ignore_index):
     return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
-def _fused_loss_fn(store: dict, head):
+def _fused_loss_fn(store: dict, head, method):
     def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                       **_):
         hidden = store["hidden"]
@@ -83,16 +83,17 @@ def _fused_loss_fn(store: dict, head):
         stream = _streamed(head)
         if num_items_in_batch is None:
             loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "mean",
-                                              stream=stream)
+                                              stream=stream, method=method)
             return loss if h.shape[0] else hidden.sum() * float("nan")  # F.cross_entropy's nan, kept differentiable
-        loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "sum", stream=stream)
+        loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "sum", stream=stream,
+                                          method=method)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
     return loss_function
 
 
-def _trl_output(model, store, out, labels, shift_labels, num_items_in_batch, temperature):
+def _trl_output(model, store, out, labels, shift_labels, num_items_in_batch, temperature, method):
     """The fields of TRL's FusedCausalLMOutput, from the recorded hidden states."""
     head = model.get_output_embeddings()
     hidden = store["hidden"]
@@ -107,7 +108,7 @@ def _trl_output(model, store, out, labels, shift_labels, num_items_in_batch, tem
     if temperature != 1.0:
         h, bias = h / temperature, (bias / temperature if bias is not None else None)
     stream = _streamed(head)
-    lp = token_logprobs(h, head.weight, y, bias, stream=stream)
+    lp = token_logprobs(h, head.weight, y, bias, stream=stream, method=method)
     ent, top1 = token_stats(h.detach(), head.weight.detach(), y, bias.detach() if bias is not None else None,
                             stream=stream)
     log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
@@ -133,12 +134,16 @@ def _route(module, flag: str, forward) -> None:
     setattr(module, flag, True)
 
 
-def use_fused_loss(model, temperature: float = 1.0):
+def use_fused_loss(model, temperature: float = 1.0, method: str | None = None):
     """Make `model` (a CausalLM or a peft model around one) compute its loss with the fused linear cross-entropy.
 
     Returns the model. Idempotent. `temperature` applies to TRL's `fused_lm_head=True` calls only (TRL's own
     `add_fused_lm_head` takes it the same way; the plain `labels=` loss is always at temperature 1).
+    `method` goes to `fused_linear_cross_entropy` (and `token_logprobs`): None (chunks), or "tiles" for a frozen
+    resident head where the chunks' logits (up to 256 MiB of fp32 at a time) do not fit.
     """
+    if method not in (None, "chunks", "tiles"):
+        raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
     lm = _causal_lm(model)
     if getattr(lm, "_nbhelpers_fused_loss", False):
         return model
@@ -160,7 +165,7 @@ def use_fused_loss(model, temperature: float = 1.0):
             kwargs.pop("logits_to_keep", None)
             with _capture_head(self, store):
                 out = original(*args, **kwargs)
-            return _trl_output(self, store, out, labels, shift_labels, num_items_in_batch, temperature)
+            return _trl_output(self, store, out, labels, shift_labels, num_items_in_batch, temperature, method)
         if shift_labels is not None:
             kwargs["shift_labels"] = shift_labels
         if num_items_in_batch is not None:
@@ -168,7 +173,7 @@ def use_fused_loss(model, temperature: float = 1.0):
         with _capture_head(self, store) as head:
             had = "_loss_function" in self.__dict__
             previous = self.__dict__.get("_loss_function")
-            self.loss_function = _fused_loss_fn(store, head)
+            self.loss_function = _fused_loss_fn(store, head, method)
             try:
                 out = original(*args, labels=labels if labels is not None else shift_labels, **kwargs)
             finally:
@@ -420,10 +425,11 @@ def use_nf4_lora_qkv(model) -> int:
 
 
 def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: bool = True, fused_qkv: bool = True,
-             fused_norm: bool = True):
+             fused_norm: bool = True, loss_method: str | None = None):
     """The above where they apply; returns the model. With `nf4_lora`, every NF4 LoRA linear runs through our op;
     `fused_mlp` makes each Llama-style MLP one op (`use_nf4_lora_mlp`), `fused_qkv` each attention's q, k and v
-    (`use_nf4_lora_qkv`); `fused_norm` runs the RMSNorms through our kernel (`use_fused_rms_norm`)."""
+    (`use_nf4_lora_qkv`); `fused_norm` runs the RMSNorms through our kernel (`use_fused_rms_norm`); `loss_method`:
+    the fused loss's method (`use_fused_loss`)."""
     if fused_norm:
         use_fused_rms_norm(model)
     if nf4_lora and fused_mlp:
@@ -433,5 +439,5 @@ def speed_up(model, fused_loss: bool = True, nf4_lora: bool = True, fused_mlp: b
     if nf4_lora:
         use_nf4_lora(model)
     if fused_loss:
-        use_fused_loss(model)
+        use_fused_loss(model, method=loss_method)
     return model

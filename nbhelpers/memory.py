@@ -178,7 +178,7 @@ def fused_ce_bytes(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, cud
     if tiles:
         from .kernels import cross_entropy_tiles as ct
 
-        cfg = ct.config_for(80 if cuda else None, b == 4)  # tiles are the default from sm_80
+        cfg = ct.config_for(80 if cuda else None, b == 4)  # tiles run on sm_80+ (method="tiles")
         grad_bytes = 4 if dtype == torch.float16 else b
         acc = ct.acc_rows(tokens, grad_bytes, cfg["BLOCK_N"]) * hidden * 4 if grad_bytes != 4 else 0
         want = ct.PROGRAMS_PER_SM * sm_count if cuda else ct.INTERPRETER_PROGRAMS
@@ -211,8 +211,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     offload_activations: checkpointed layer inputs live in host memory (needs gradient_checkpointing).
     offload_embeddings: the input embedding table lives on the CPU (not when tied to the LM head).
     fused_ce: the loss never materialises all logits, only a chunk of them (`fused_ce_bytes`).
-    ce_tiles: the fused loss of the (frozen, resident) head runs in tiles, with no logits in memory; what it does on
-    sm_80+ GPUs. None: with bf16 on a GPU (bf16 means sm_80+; an fp16 run is counted as on a T4, with chunks).
+    ce_tiles: the fused loss of the (frozen, resident) head runs in tiles, with no logits in memory
+    (`use_fused_loss(model, method="tiles")`, sm_80+). None / False: in chunks, the default.
     offload_head: a frozen, untied LM head in host memory, streamed by the fused loss (needs fused_ce).
     offload_layers: the decoder layers' frozen weights in host memory, two layers' worth on the GPU at a time
     (`offload_layer_weights`; needs gradient_checkpointing). NF4 linears only move with fused_layers: bitsandbytes'
@@ -302,7 +302,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     final_norm = t * m["H"] * (4 + b)
     if fused_ce:
         streamed = offload_head and not c["tied"]
-        tiles = (cuda and dtype == torch.bfloat16) if ce_tiles is None else ce_tiles
+        tiles = bool(ce_tiles)
         loss_phase = final_norm + fused_ce_bytes(t, m["H"], m["V"], dtype, cuda, streamed=streamed,
                                                  tiles=tiles and not streamed)
     else:

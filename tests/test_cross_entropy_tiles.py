@@ -134,18 +134,18 @@ def test_method_switch_and_refusals():
     if not INTERPRETING:
         with pytest.raises(ValueError, match="needs Triton and CUDA tensors"):
             ce.fused_linear_cross_entropy(hidden, weight, labels, method="tiles")
-    # the default on CPU (and for a trainable head anywhere) is the chunked path
-    assert ce._method(None, hidden, weight, head_grads=False) == "chunks"
+    # the default is the chunked path (faster on an H100: docs/benchmarks.md, 2026-11-23)
+    assert ce._method(None, hidden, weight) == "chunks"
 
 
-def test_tiles_by_default_only_on_gpus_with_tensor_core_dots(monkeypatch):
+def test_tensor_core_dots_by_capability(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert not kernels.tensor_core_dots(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert kernels.tensor_core_dots(torch.device("cuda"))
 
 
-def test_planner_counts_tiles_for_bf16_gpu_runs():
+def test_planner_counts_tiles_when_asked():
     from transformers import LlamaConfig
 
     from nbhelpers.memory import estimate
@@ -153,13 +153,12 @@ def test_planner_counts_tiles_for_bf16_gpu_runs():
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=3001)
     kw = dict(seq_len=512, batch=2, quantization=None, fused_ce=True)
-    bf16 = estimate(config, dtype=torch.bfloat16, **kw)
-    chunks = estimate(config, dtype=torch.bfloat16, ce_tiles=False, **kw)
+    tiles = estimate(config, dtype=torch.bfloat16, ce_tiles=True, **kw)
+    chunks = estimate(config, dtype=torch.bfloat16, **kw)
     t, hdim, v = 1024, config.hidden_size, config.vocab_size
-    assert bf16.phases["loss"] - chunks.phases["loss"] == (fused_ce_bytes(t, hdim, v, torch.bfloat16, tiles=True)
-                                                           - fused_ce_bytes(t, hdim, v, torch.bfloat16))
-    assert estimate(config, dtype=torch.float16, **kw).phases == estimate(config, dtype=torch.float16,
-                                                                           ce_tiles=False, **kw).phases
+    assert tiles.phases["loss"] - chunks.phases["loss"] == (fused_ce_bytes(t, hdim, v, torch.bfloat16, tiles=True)
+                                                            - fused_ce_bytes(t, hdim, v, torch.bfloat16))
+    assert chunks.phases == estimate(config, dtype=torch.bfloat16, ce_tiles=False, **kw).phases
 
 
 def test_aot_builds_and_tensor_cores():
@@ -178,3 +177,45 @@ def test_aot_builds_and_tensor_cores():
             assert res["mma"] > 0, (name, res)
         else:
             assert res["mma"] == 0, (name, res)
+
+
+@interpreted
+def test_use_fused_loss_takes_the_tiles(tiny_llama, monkeypatch):
+    """`use_fused_loss(model, method="tiles")` (what `speed_up(loss_method=...)` calls) reaches the tile kernels: a
+    peft model's loss and LoRA gradients match transformers' own loss."""
+    from transformers import AutoModelForCausalLM
+
+    from nbhelpers.fast import use_fused_loss
+    from nbhelpers.loading import add_lora
+    from test_cross_entropy import _batch, _grads
+
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = _batch(model.config.vocab_size)
+    out = model(**batch)
+    out.loss.backward()
+    want_loss, want = out.loss.detach(), _grads(model)
+    model.zero_grad()
+    calls = []
+    real = ce._process_tiles
+    monkeypatch.setattr(ce, "_process_tiles", lambda *a, **k: calls.append(1) or real(*a, **k))
+    use_fused_loss(model, method="tiles")
+    out = model(**batch)
+    assert out.logits is None
+    out.loss.backward()
+    got = _grads(model)
+    assert calls and got.keys() == want.keys() and got
+    assert rel_err(out.loss.detach(), want_loss) <= 1e-5
+    assert max(rel_err(got[k], want[k]) for k in want) <= 1e-4
+
+
+def test_use_fused_loss_refuses_an_unknown_method(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from nbhelpers.fast import use_fused_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with pytest.raises(ValueError, match="method must be None, 'chunks' or 'tiles', got 'tile'"):
+        use_fused_loss(model, method="tile")
