@@ -416,10 +416,33 @@ def check_attention_efficient(dev):
     return ok
 
 
+def check_gpt_oss_swiglu(dev):
+    """gpt-oss's clamped SwiGLU kernels (forward; backward from the saved input alone) vs fp64, at gpt-oss's width
+    with an odd number of routed rows, values across both clamps."""
+    from nbhelpers.kernels.gpt_oss_swiglu import gpt_oss_swiglu, gpt_oss_swiglu_reference
+
+    ok = True
+    g = torch.Generator(device=dev).manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        h = (torch.randn(4097, 5760, device=dev, generator=g) * 6).to(dtype).requires_grad_()
+        da = torch.randn(4097, 2880, device=dev, generator=g).to(dtype)
+        out = gpt_oss_swiglu(h)
+        (dh,) = torch.autograd.grad(out, h, da)
+        ref_in = h.detach().double().requires_grad_()
+        ref = gpt_oss_swiglu_reference(ref_in)
+        (ref_dh,) = torch.autograd.grad(ref, ref_in, da.double())
+        errs = [rel(out, ref), rel(dh, ref_dh)]
+        tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        ok &= max(errs) <= tol
+        print(f"gpt-oss SwiGLU {dtype}: rel err a {errs[0]:.1e} dh {errs[1]:.1e} (bound {tol:.0e})")
+    return ok
+
+
 if __name__ == "__main__":
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), torch.__version__)
     ok = check_attention_efficient(dev)
+    ok &= check_gpt_oss_swiglu(dev)
     ok &= check_ce(dev)
     ok &= check_ce_tiles(dev)
     ok &= check_streamed_head(dev)

@@ -29,18 +29,9 @@ from __future__ import annotations
 
 import torch
 
+from .gpt_oss_swiglu import ALPHA, LIMIT, gpt_oss_swiglu, gpt_oss_swiglu_reference
 from .mxfp4 import dequantize_mxfp4_reference
 from .mxfp4_matmul import grouped_mxfp4_matmul
-
-ALPHA = 1.702
-LIMIT = 7.0
-
-
-def gpt_oss_swiglu(h: torch.Tensor, alpha: float = ALPHA, limit: float = LIMIT) -> torch.Tensor:
-    """gpt-oss's clamped SwiGLU on interleaved gate/up columns: [..., 2I] -> [..., I]."""
-    gate = h[..., 0::2].clamp(max=limit)
-    up = h[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def sort_routes(router_indices: torch.Tensor, num_experts: int):
@@ -73,15 +64,13 @@ def sort_routes_on_device(router_indices: torch.Tensor, num_experts: int):
 
 def _grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, counts: list[int], scaling: float):
     """scaling * (x_e A_e^T) B_e^T for each expert's rows: A [E, r, in], B [E, out, r] -> [rows, out]."""
-    pieces, offset = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            xe = x[offset:offset + c].to(A.dtype)
-            pieces.append((xe @ A[e].t()) @ B[e].t())
-            offset += c
+    # torch.split, not slices: a slice's backward is a zero-filled gradient of all of x's rows (one per expert).
+    # The scaling goes on B's [out, r] rather than on the [rows, out] result: one fewer result-sized tensor.
+    pieces = [(xe.to(A.dtype) @ A[e].t()) @ (B[e].t() * scaling)
+              for e, xe in enumerate(torch.split(x, counts)) if xe.shape[0]]
     if not pieces:
         return x.new_zeros(x.shape[0], B.shape[1])
-    return torch.cat(pieces).to(x.dtype) * scaling
+    return torch.cat(pieces).to(x.dtype)
 
 
 def _routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert: torch.Tensor, scaling: float):
@@ -178,7 +167,7 @@ def moe_experts_reference(x: torch.Tensor, router_indices: torch.Tensor, routing
         for A1, B1, A2, B2, scaling in lora or ():
             w1 = w1 + scaling * (B1[e] @ A1[e]).to(x.dtype)
         h = x[t] @ w1.t() + bias1[e]
-        a = gpt_oss_swiglu(h, alpha, limit)
+        a = gpt_oss_swiglu_reference(h, alpha, limit)
         for A1, B1, A2, B2, scaling in lora or ():
             w2 = w2 + scaling * (B2[e] @ A2[e]).to(x.dtype)
         o = a @ w2.t() + bias2[e]

@@ -120,8 +120,10 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     Per token: the RMSNorm fp32 copy (4H); the normed input and LoRA's own casts of it (q/k/v: 4H for Llama-style,
     3H for gpt-oss); q after RoPE, attention output, o_proj input (3q); k, v (2kv, or 2q when eager attention
     repeats the KV heads); LoRA's rank-r intermediates (7r); Llama MLP: gate, up, SiLU, down input (4I) and one more
-    H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and gate_up, its slices,
-    clamps, sigmoid and product (6I), and the router logits (E). Eager attention adds its probabilities
+    H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and 6I for gate_up: the
+    activation (`kernels/gpt_oss_swiglu.py`) keeps gate_up alone (2I), and its backward's gate_up-sized gradients
+    and the LoRA output make up the rest (on CPU a whole gpt-oss step's per-token peak came within 9% of this count),
+    and the router logits (E). Eager attention adds its probabilities
     `[batch, heads, L, L + 1]` (the sink column included); flash-style kernels keep only the log-sum-exp (fp32).
 
     `fused_layers`: a Llama-style layer run by `nbhelpers.speed_up`'s ops on a GPU (fused RMSNorm, q/k/v, MLP, NF4

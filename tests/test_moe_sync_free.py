@@ -16,13 +16,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import nbhelpers as nb
 
-KERNEL_MODULES = ("nbhelpers.kernels.mxfp4", "nbhelpers.kernels.mxfp4_matmul", "nbhelpers.kernels.moe")
+# gpt_oss_swiglu first: moe imports it, and must bind the reloaded (interpreted or not) module
+KERNEL_MODULES = ("nbhelpers.kernels.gpt_oss_swiglu", "nbhelpers.kernels.mxfp4", "nbhelpers.kernels.mxfp4_matmul",
+                  "nbhelpers.kernels.moe")
 ATTENTION_MODULES = ("reductions", "forward", "backward_dkdv", "backward_dq", "decode", "decode_combine")
 
 
 def _reload():
-    return dict(zip(("mxfp4", "matmul", "moe"), (importlib.reload(importlib.import_module(m))
-                                                  for m in KERNEL_MODULES)))
+    return dict(zip(("swiglu", "mxfp4", "matmul", "moe"), (importlib.reload(importlib.import_module(m))
+                                                            for m in KERNEL_MODULES)))
 
 
 @pytest.fixture(params=["interp", "cpu"])
