@@ -448,12 +448,19 @@ def _process_streamed(hidden, weight, bias, labels, scale, ignore_index, chunk_b
     return loss, lse, ent, top1, dh
 
 
+METHODS = (None, "chunks", "tiles")
+
+
+def check_method(method) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
+
+
 def _method(method, hidden, weight) -> str:
     """"chunks" or "tiles" for a resident head. None: chunks (cuBLAS for the matmuls). On an H100 the tiles took
     1.9x the time of plain logits + F.cross_entropy at 8k x 201,088 and the chunks 0.74x (docs/benchmarks.md,
     2026-11-23), so tiles are for when memory, not time, is short; below sm_80 Triton's dots have no tensor cores."""
-    if method not in (None, "chunks", "tiles"):
-        raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
+    check_method(method)
     if method == "tiles":  # a trainable head was refused by `fused_linear_cross_entropy`, before the forward
         if not use_triton(hidden, weight):
             raise ValueError(f"method='tiles' needs Triton and CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "

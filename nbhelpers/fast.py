@@ -23,7 +23,7 @@ import types
 import torch
 
 from .kernels import autocast_dtype
-from .kernels.cross_entropy import fused_linear_cross_entropy, token_logprobs, token_stats
+from .kernels.cross_entropy import check_method, fused_linear_cross_entropy, token_logprobs, token_stats
 from .offload import OffloadedLMHead
 
 _SUPPORTED = ("llama", "qwen2", "qwen3", "gpt_oss", "mistral")
@@ -142,10 +142,12 @@ def use_fused_loss(model, temperature: float = 1.0, method: str | None = None):
     `method` goes to `fused_linear_cross_entropy` (and `token_logprobs`): None (chunks), or "tiles" for a frozen
     resident head where the chunks' logits (up to 256 MiB of fp32 at a time) do not fit.
     """
-    if method not in (None, "chunks", "tiles"):
-        raise ValueError(f"method must be None, 'chunks' or 'tiles', got {method!r}")
+    check_method(method)
     lm = _causal_lm(model)
     if getattr(lm, "_nbhelpers_fused_loss", False):
+        if lm._nbhelpers_loss_method != method:  # the wrapper keeps the method it was made with
+            raise ValueError(f"use_fused_loss: the model's fused loss uses method={lm._nbhelpers_loss_method!r}; "
+                             f"got method={method!r} (apply it once, with the method wanted)")
         return model
     _check_head(lm)
     original = lm.forward
@@ -185,6 +187,7 @@ def use_fused_loss(model, temperature: float = 1.0, method: str | None = None):
         return out
 
     _route(lm, "_nbhelpers_fused_loss", forward)
+    lm._nbhelpers_loss_method = method
     return model
 
 

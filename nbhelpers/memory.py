@@ -304,9 +304,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     final_norm = t * m["H"] * (4 + b)
     if fused_ce:
         streamed = offload_head and not c["tied"]
-        tiles = bool(ce_tiles)
         loss_phase = final_norm + fused_ce_bytes(t, m["H"], m["V"], dtype, cuda, streamed=streamed,
-                                                 tiles=tiles and not streamed)
+                                                 tiles=bool(ce_tiles) and not streamed)
     else:
         loss_phase = final_norm + 12 * t * m["V"]
     phases = {"loss": loss_phase, "layer": layer_phase}

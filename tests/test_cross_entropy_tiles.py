@@ -219,3 +219,7 @@ def test_use_fused_loss_refuses_an_unknown_method(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with pytest.raises(ValueError, match="method must be None, 'chunks' or 'tiles', got 'tile'"):
         use_fused_loss(model, method="tile")
+    use_fused_loss(model)
+    assert use_fused_loss(model) is model  # idempotent with the same method
+    with pytest.raises(ValueError, match="uses method=None; got method='tiles'"):
+        use_fused_loss(model, method="tiles")  # not silently kept at the first method

@@ -159,10 +159,8 @@ def _squared(do_, q_, out_, lse, lk, cu):
     cu_q, cu_k, _, max_k = cu
     tq, H, D = q_.shape[1:]
     tk = int(lk)
-    lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).long(), (cu_k[1:] - cu_k[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lens_q.numel(), device=q_.device), lens_q, output_size=tq)
-    local = torch.arange(tq, device=q_.device) - cu_q.long()[seq]  # the token's row within its sequence
-    row = local + (lens_k - lens_q)[seq]  # its row in the squared sequence; < 0: it sees no key
+    seq, local, surplus = _token_rows(cu_q, cu_k, tq)
+    row = local - surplus  # its row in the squared sequence; < 0: it sees no key
     kept = row >= 0
     dest = torch.where(kept, cu_k.long()[seq] + row, tk)
     width = _padded(max_k)
@@ -181,7 +179,7 @@ def _is_square(q_, k_, cu) -> bool:
     """Known without a host read: dense shapes; packed runs whose query and key offsets are one tensor."""
     if cu is None:
         return q_.shape[1] == k_.shape[1]
-    return cu[0] is cu[1] or (cu[0].data_ptr() == cu[1].data_ptr() and cu[0].shape == cu[1].shape)
+    return cu[0].data_ptr() == cu[1].data_ptr() and cu[0].shape == cu[1].shape
 
 
 def _kernel_backward(do_, q_, k_, v_, out_, lse, rng, scale, causal, window, cu=None):
@@ -229,14 +227,21 @@ class State:
         self.lse, self.rng, self.cu, self.q_index, self.k_index = lse, rng, cu, q_index, k_index
 
 
+def _token_rows(cu_q, cu_k, total_q):
+    """Per packed query token: its sequence, its row within the sequence, and how many more queries than keys that
+    sequence has (bottom-right causal: the rows below that see no key). No host read."""
+    cu_q, cu_k = cu_q.long(), cu_k.long()
+    lens_q = cu_q[1:] - cu_q[:-1]
+    seq = torch.repeat_interleave(torch.arange(lens_q.numel(), device=cu_q.device), lens_q, output_size=total_q)
+    local = torch.arange(total_q, device=cu_q.device) - cu_q[seq]
+    return seq, local, (lens_q - (cu_k[1:] - cu_k[:-1]))[seq]
+
+
 def _packed_rows(cu, total_q, causal):
     """rows() for the variable-length lse [S, H, pad] (token t of sequence b is lse[b, :, t - cu_q[b]]), and the
     tokens that see no key (causal, before the first key: more queries than keys), or None when causal is off."""
-    cu_q, cu_k = cu[0].long(), cu[1].long()
-    lens = cu_q[1:] - cu_q[:-1]
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu_q.device), lens, output_size=total_q)
-    local = torch.arange(total_q, device=cu_q.device) - cu_q[seq]
-    keyless = local < (lens - (cu_k[1:] - cu_k[:-1]))[seq] if causal else None
+    seq, local, surplus = _token_rows(cu[0], cu[1], total_q)
+    keyless = local < surplus if causal else None
 
     def rows(lse, value=None):
         if value is None:
