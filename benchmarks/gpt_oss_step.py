@@ -6,7 +6,8 @@ What it measures, in one process:
   experts      one MoE layer's experts, forward + backward at each token count: our routed MXFP4 experts with LoRA
                (`Mxfp4Experts`) vs transformers' `GptOssExperts` holding the same weights dequantized to the compute
                dtype (its eager loop over routed experts); time per call, peak memory, output difference
-  step         one LoRA SFT step (forward + backward + AdamW on LoRA) of the whole model: batch 1 x tokens, random
+  step         one LoRA SFT step (forward under autocast in the model's dtype, as Trainer's mixed precision runs
+               it, + backward + AdamW on LoRA) of the whole model: batch 1 x tokens, random
                ids as input and labels, LoRA (r=16 alpha=32 unless set) on attention and every expert
                (`nbhelpers.add_lora`), non-reentrant gradient checkpointing; tokens/s and peak allocated/reserved
                memory, or OOM, next to the memory planner's prediction for the same settings. `--t4` is the recipe
@@ -241,7 +242,8 @@ def predicted(config, tokens: int, args, dtype) -> dict:
             "peak_phase": est.peak_phase}
 
 
-def bench_step(model, tokens: int, steps: int, warmup: int, device, optim: str = "adamw_torch") -> dict:
+def bench_step(model, tokens: int, steps: int, warmup: int, device, optim: str = "adamw_torch",
+               dtype: torch.dtype = torch.bfloat16) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim)
     batch = torch.randint(0, model.config.vocab_size, (1, tokens), device=device,
@@ -252,7 +254,8 @@ def bench_step(model, tokens: int, steps: int, warmup: int, device, optim: str =
             if i == warmup:
                 sync(device)
                 t0 = time.perf_counter()
-            loss = model(input_ids=batch, labels=batch).loss
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # as Trainer's bf16=True
+                loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -372,7 +375,7 @@ def main(argv=None):
         print("model:", json.dumps(report["model"]), flush=True)
         report["step"] = []
         for t in tokens:
-            r = bench_step(model, t, args.steps, args.warmup, device, args.optim)
+            r = bench_step(model, t, args.steps, args.warmup, device, args.optim, dtype)
             r["planner"] = predicted(config, t, args, dtype)
             if r.get("peak_allocated_mb"):
                 r["planner_error"] = r["planner"]["allocated_mb"] / r["peak_allocated_mb"] - 1

@@ -5,7 +5,8 @@ What it measures, for each of two paths at identical settings, in one process:
   peak memory  torch.cuda.max_memory_allocated / max_memory_reserved over load + LoRA + warm-up + timed steps
   loss         of the last step (both paths see the same weights, LoRA init and batch, so losses should agree)
 
-One step = forward + backward + AdamW step on the LoRA parameters of an NF4 (double-quantized) model, with
+One step = forward (under autocast in the model's dtype, as Trainer's mixed precision runs it) + backward + AdamW step
+on the LoRA parameters of an NF4 (double-quantized) model, with
 gradient checkpointing (non-reentrant), LoRA r=16 alpha=32 on all linear layers, random tokens as the batch
 and labels = input_ids.
 
@@ -108,8 +109,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, batch: torch.Tensor) -> float:
-    loss = model(input_ids=batch, labels=batch).loss
+def mixed_precision(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype`, as Trainer(bf16=True / fp16=True) runs the forward: fp32 LoRA weights meet
+    half-precision activations in half precision (peft alone would compute LoRA in fp32). Off for fp32 / None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
+
+
+def train_step(model, optimizer, batch: torch.Tensor, dtype: torch.dtype | None = None) -> float:
+    with mixed_precision(batch.device, dtype):
+        loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -136,14 +144,14 @@ def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dty
     optimizer = torch.optim.AdamW(params, lr=lr)
 
     for _ in range(args.warmup):
-        train_step(model, optimizer, batch)
+        train_step(model, optimizer, batch, dtype)
     sync(device)
     steady_mb = torch.cuda.memory_allocated(device) / MB if cuda else None
     if cuda and peak_after_warmup:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        loss = train_step(model, optimizer, batch)  # .item() syncs too, once per step, in both paths alike
+        loss = train_step(model, optimizer, batch, dtype)  # .item() syncs too, once per step, in both paths alike
     sync(device)
     seconds = time.perf_counter() - t0
 
@@ -153,7 +161,7 @@ def bench_path(name: str, path: str, batch: torch.Tensor, args, dtype: torch.dty
               "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / MB if cuda else None,
               "steady_mb": steady_mb}
     if after is not None:
-        result["after"] = after(lambda: train_step(model, optimizer, batch))
+        result["after"] = after(lambda: train_step(model, optimizer, batch, dtype))
     del model, optimizer, params
     gc.collect()
     if cuda:

@@ -10,8 +10,8 @@ For token t routed to experts e_1..e_k with weights p_1..p_k (softmax over the t
 
 Routes are sorted by expert, so each expert's rows are contiguous; the MXFP4 matmuls run as one grouped kernel
 (`mxfp4_matmul.py`) over experts that received rows — at decode with one token that is just its top-k experts.
-LoRA runs as small dense matmuls over each expert's rows. Gradients flow to x, the routing weights and the LoRA
-factors; the MXFP4 weights and biases are frozen.
+LoRA runs as small dense matmuls over each expert's rows, added in place (`grouped_lora.py`). Gradients flow to
+x, the routing weights and the LoRA factors; the MXFP4 weights and biases are frozen.
 
 Two ways through, same math:
 - with row counts read on the host (training, and any call needing gradients or with many rows): exact tile table,
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .grouped_lora import grouped_lora_add
 from .gpt_oss_swiglu import ALPHA, LIMIT, gpt_oss_swiglu, gpt_oss_swiglu_reference
 from .mxfp4 import dequantize_mxfp4_reference
 from .mxfp4_matmul import grouped_mxfp4_matmul
@@ -60,17 +61,6 @@ def sort_routes_on_device(router_indices: torch.Tensor, num_experts: int):
     expert = key.gather(0, order)
     bounds = torch.searchsorted(expert, torch.arange(num_experts + 1, device=expert.device))  # no bincount: it syncs
     return order, order // top_k, expert, bounds[1:] - bounds[:-1]
-
-
-def _grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, counts: list[int], scaling: float):
-    """scaling * (x_e A_e^T) B_e^T for each expert's rows: A [E, r, in], B [E, out, r] -> [rows, out]."""
-    # torch.split, not slices: a slice's backward is a zero-filled gradient of all of x's rows (one per expert).
-    # The scaling goes on B's [out, r] rather than on the [rows, out] result: one fewer result-sized tensor.
-    pieces = [(xe.to(A.dtype) @ A[e].t()) @ (B[e].t() * scaling)
-              for e, xe in enumerate(torch.split(x, counts)) if xe.shape[0]]
-    if not pieces:
-        return x.new_zeros(x.shape[0], B.shape[1])
-    return torch.cat(pieces).to(x.dtype)
 
 
 def _routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert: torch.Tensor, scaling: float):
@@ -121,19 +111,19 @@ def moe_experts(x: torch.Tensor, router_indices: torch.Tensor, routing_weights: 
         order, token, expert, counts = sort_routes_on_device(router_indices, num_experts)
         valid = expert < num_experts
         expert = expert.clamp(max=num_experts - 1)
-        lora_of = lambda v, A, B, scaling: _routed_lora(v, A, B, expert, scaling)  # noqa: E731
+        lora_add = lambda base, v, A, B, scaling: base + _routed_lora(v, A, B, expert, scaling)  # noqa: E731
     else:
         order, token, counts = sort_routes(router_indices, num_experts)
         valid = None
-        lora_of = lambda v, A, B, scaling: _grouped_lora(v, A, B, counts, scaling)  # noqa: E731
+        lora_add = lambda base, v, A, B, scaling: grouped_lora_add(base, v, A, B, counts, scaling)  # noqa: E731
     xs = x.index_select(0, token)
     h = grouped_mxfp4_matmul(xs, *gate_up, counts)
     for A1, B1, _, _, scaling in lora or ():
-        h = h + lora_of(xs, A1, B1, scaling)
+        h = lora_add(h, xs, A1, B1, scaling)
     a = gpt_oss_swiglu(h, alpha, limit)
     o = grouped_mxfp4_matmul(a, *down, counts)
     for _, _, A2, B2, scaling in lora or ():
-        o = o + lora_of(a, A2, B2, scaling)
+        o = lora_add(o, a, A2, B2, scaling)
     p = routing_weights.reshape(-1).index_select(0, order)
     weighted = (o * p[:, None]).to(x.dtype)
     if valid is not None:  # dropped routes: rows the kernel left at zero, plus whatever LoRA added
@@ -146,7 +136,8 @@ def combine_routes(rows: torch.Tensor, order: torch.Tensor, tokens: int, top_k: 
     most once) -> [tokens, H]. The rows go back to their slots (distinct positions: a plain copy) and the k slots
     are summed in order, so the result does not depend on scheduling, unlike `index_add` on CUDA (atomic adds in
     the output dtype). Routes not in `order` count as zero."""
-    slots = rows.new_zeros(tokens * top_k, rows.shape[-1]).index_copy(0, order, rows)
+    slots = rows.new_zeros(tokens * top_k, rows.shape[-1])
+    slots.index_copy_(0, order, rows)  # in place: a fresh tensor outside the graph, so no second [R, H] copy
     return slots.view(tokens, top_k, -1).sum(1)
 
 

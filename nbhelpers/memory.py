@@ -122,9 +122,11 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     repeats the KV heads); LoRA's rank-r intermediates (7r); Llama MLP: gate, up, SiLU, down input (4I) and one more
     H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and 6I for gate_up: the
     activation (`kernels/gpt_oss_swiglu.py`) keeps gate_up alone (2I), and its backward's gate_up-sized gradients
-    and the LoRA output make up the rest (on CPU a whole gpt-oss step's per-token peak came within 9% of this count),
-    and the router logits (E). Eager attention adds its probabilities
-    `[batch, heads, L, L + 1]` (the sink column included); flash-style kernels keep only the log-sum-exp (fp32).
+    make up the rest (LoRA is added in place, `kernels/grouped_lora.py`), and the router logits (E). A whole
+    gpt-oss step's per-token peak, measured on CPU with the GPU path's kernels interpreted under bf16 autocast, is
+    this count within 10% (`test_gpt_oss_step_per_token_peak_matches_the_planner`). Eager attention adds its
+    probabilities `[batch, heads, L, L + 1]` (the sink column included); flash-style kernels keep only the
+    log-sum-exp (fp32).
 
     `fused_layers`: a Llama-style layer run by `nbhelpers.speed_up`'s ops on a GPU (fused RMSNorm, q/k/v, MLP, NF4
     LoRA linears) keeps instead, per token: each norm's input (2H) and fp32 1/rms (8 bytes), the normed inputs of
