@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh 4     # rollouts, QAT
 #   bash benchmarks/gpu_session.sh 5     # QLoRA with every offload
 #   bash benchmarks/gpu_session.sh 6     # attention: the CUTLASS backward probe, the CUDA tests, Triton vs CUTLASS
+#   bash benchmarks/gpu_session.sh 7     # gpt-oss-20b shapes at 64k and 131,072 tokens (the model's longest context)
 #
 # bitsandbytes is not in every image: a wheel under .whl/ is installed into /tmp/site first when present.
 set -u
@@ -70,8 +71,12 @@ case "${1:-1}" in
     step attention_backends 300 python benchmarks/attention.py --lengths 2048 8192 --methods triton efficient flex \
         --dtype float16 --rep 50 --json "$OUT/attention_backends.json"
     ;;
+7)  # the planner predicts 30.7 GB at 64k and 45.7 GB at 131,072 tokens; one step each, its first (memory, not speed)
+    step gpt_oss_longest 560 python benchmarks/gpt_oss_step.py --tokens 65536 131072 --steps 1 --warmup 0 \
+        --attn nbhelpers --offload --fused-ce --fused-norm --skip check experts --json "$OUT/gpt_oss_longest.json"
+    ;;
 *)
-    echo "expected part 1, 2, 3, 4, 5 or 6, found '$1'" >&2
+    echo "expected part 1, 2, 3, 4, 5, 6 or 7, found '$1'" >&2
     exit 2
     ;;
 esac
