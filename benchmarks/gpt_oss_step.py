@@ -35,6 +35,8 @@ import time
 
 import torch
 
+from sft_step import mixed_precision  # benchmarks/ is on the path: this script's folder
+
 MB = 2**20
 GIB = 2**30
 # A T4 reports 14.74 GiB to torch; its CUDA context (outside the allocator) takes a share of that, so the allocator
@@ -254,7 +256,7 @@ def bench_step(model, tokens: int, steps: int, warmup: int, device, optim: str =
             if i == warmup:
                 sync(device)
                 t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # as Trainer's bf16=True
+            with mixed_precision(device, dtype):  # as Trainer's bf16=True
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             opt.step()

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbhelpers import memory, offload  # noqa: E402
 from nbhelpers.memory import LiveBytes  # noqa: E402
+from sft_step import mixed_precision  # noqa: E402  (this script's folder is on the path)
 
 GB = 2**30
 
@@ -107,7 +108,7 @@ def run_case(name, config, *, device, dtype, seq_len, batch, lora_r=16, checkpoi
     ctx = tracker if tracker is not None else torch.autocast("cpu", enabled=False)
     with ctx:
         for _ in range(steps):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with mixed_precision(device, dtype):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()

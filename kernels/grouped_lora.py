@@ -22,24 +22,25 @@ from __future__ import annotations
 import torch
 
 
+def _expert_rows(counts):
+    """(expert, its rows as a slice) for each expert that owns rows."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+            start += c
+
+
 class GroupedLoraAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, x, A, B, counts, scaling):
         with torch.autocast(x.device.type, enabled=False):  # the dtype is base's; out= has no autocast
-            return GroupedLoraAdd._forward(ctx, base, x, A, B, counts, scaling)
-
-    @staticmethod
-    def _forward(ctx, base, x, A, B, counts, scaling):
-        dt = base.dtype
-        xc, a, b = x.to(dt), A.to(dt), B.to(dt)
-        u = torch.empty(x.shape[0], A.shape[1], dtype=dt, device=x.device)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                rows = slice(start, start + c)
+            dt = base.dtype
+            xc, a, b = x.to(dt), A.to(dt), B.to(dt)
+            u = torch.empty(x.shape[0], A.shape[1], dtype=dt, device=x.device)
+            for e, rows in _expert_rows(counts):
                 torch.mm(xc[rows], a[e].t(), out=u[rows])
                 base[rows].addmm_(u[rows], b[e].t(), alpha=scaling)
-                start += c
         ctx.mark_dirty(base)
         ctx.save_for_backward(xc, u, A, B)
         ctx.counts, ctx.scaling, ctx.x_dtype = counts, scaling, x.dtype
@@ -47,36 +48,27 @@ class GroupedLoraAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        with torch.autocast(g.device.type, enabled=False):
-            return GroupedLoraAdd._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         xc, u, A, B = ctx.saved_tensors
-        counts, s = ctx.counts, ctx.scaling
+        s = ctx.scaling
         need_x, need_a, need_b = ctx.needs_input_grad[1:4]
-        g = g.to(u.dtype)
-        a, b = A.to(u.dtype), B.to(u.dtype)
-        dx = torch.empty_like(xc) if need_x else None
-        dA = torch.zeros_like(A) if need_a else None
-        dB = torch.zeros_like(B) if need_b else None
-        start = 0
-        for e, c in enumerate(counts):
-            if not c:
-                continue
-            rows = slice(start, start + c)
-            start += c
-            ge = g[rows]
-            if need_b:
-                dB[e] = (ge.t() @ u[rows]).to(B.dtype).mul_(s)
-            if need_x or need_a:
-                gu = (ge @ b[e]).mul_(s)
-                if need_a:
-                    dA[e] = (gu.t() @ xc[rows]).to(A.dtype)
-                if need_x:
-                    torch.mm(gu, a[e], out=dx[rows])
-        if dx is not None and start < dx.shape[0]:
-            dx[start:].zero_()  # rows past sum(counts) belong to no expert
+        with torch.autocast(g.device.type, enabled=False):
+            g = g.to(u.dtype)
+            a, b = A.to(u.dtype), B.to(u.dtype)
+            dx = torch.empty_like(xc) if need_x else None
+            dA = torch.zeros_like(A) if need_a else None
+            dB = torch.zeros_like(B) if need_b else None
+            for e, rows in _expert_rows(ctx.counts):
+                ge = g[rows]
+                if need_b:
+                    dB[e] = (ge.t() @ u[rows]).to(B.dtype).mul_(s)
+                if need_x or need_a:
+                    gu = (ge @ b[e]).mul_(s)
+                    if need_a:
+                        dA[e] = (gu.t() @ xc[rows]).to(A.dtype)
+                    if need_x:
+                        torch.mm(gu, a[e], out=dx[rows])
+            if dx is not None:
+                dx[sum(ctx.counts):].zero_()  # rows past sum(counts) belong to no expert
         return g, dx.to(ctx.x_dtype) if dx is not None else None, dA, dB, None, None
 
 

@@ -64,7 +64,8 @@ def sort_routes_on_device(router_indices: torch.Tensor, num_experts: int):
 
 
 def _routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert: torch.Tensor, scaling: float):
-    """`_grouped_lora` without a loop over experts: row i uses expert[i]'s factors (any id in [0, E))."""
+    """LoRA for rows in any order, without a loop over experts (`grouped_lora.py` loops over sorted rows): row i
+    uses expert[i]'s factors (any id in [0, E)) -> [R, out] in x's dtype."""
     E, r, _ = A.shape
     R, out = x.shape[0], B.shape[1]
     xa = x.to(A.dtype)
