@@ -239,7 +239,8 @@ def predicted(config, tokens: int, args, dtype) -> dict:
 
     est = estimate(config, seq_len=tokens, batch=1, lora_r=args.lora_r, quantization="mxfp4", dtype=dtype,
                    offload_activations=args.offload, offload_embeddings=args.offload, fused_ce=args.fused_ce,
-                   offload_head=args.offload_head, attn_implementation=args.attn, optimizer=args.optim)
+                   offload_head=args.offload_head, attn_implementation=args.attn, optimizer=args.optim,
+                   checkpoint_layers=args.checkpoint_layers)
     return {"allocated_mb": (est["total"] - est["reserve"]) / MB, "total_mb": est["total"] / MB,
             "peak_phase": est.peak_phase}
 
@@ -289,6 +290,9 @@ def main(argv=None):
                    help="cap this process's GPU memory: a fraction, or 't4' (14.74 GiB less the CUDA context)")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16, 8 with --t4)")
     p.add_argument("--offload", action="store_true", help="offloaded checkpointing + the embedding table on the CPU")
+    p.add_argument("--checkpoint-layers", type=int, default=None,
+                   help="checkpoint only the first N decoder layers (default all): the others keep their "
+                        "activations and are not recomputed")
     p.add_argument("--fused-ce", action="store_true", help="loss through the fused linear cross-entropy")
     p.add_argument("--offload-head", action="store_true",
                    help="the LM head's weight in pinned host memory, streamed by the fused CE (needs --fused-ce)")
@@ -350,10 +354,13 @@ def main(argv=None):
         reset_peak(device)
         model = random_mxfp4_model(config, dtype, device, args.attn)
         model = add_lora(model, r=args.lora_r, alpha=2 * args.lora_r, gradient_checkpointing=True)
-        if args.offload:
-            from nbhelpers.offload import enable_offloaded_checkpointing, offload_embeddings
+        if args.offload or args.checkpoint_layers is not None:
+            from nbhelpers.offload import enable_offloaded_checkpointing
 
-            enable_offloaded_checkpointing(model)
+            enable_offloaded_checkpointing(model, offload=args.offload, layers=args.checkpoint_layers)
+        if args.offload:
+            from nbhelpers.offload import offload_embeddings
+
             offload_embeddings(model, device)
         if args.fused_ce:
             from nbhelpers.fast import use_fused_loss
@@ -370,7 +377,8 @@ def main(argv=None):
         model.train()
         weights_mb = torch.cuda.memory_allocated(device) / MB if device.type == "cuda" else None
         report["model"] = {"allocated_mb_after_load": weights_mb, "lora_r": args.lora_r, "attn": args.attn,
-                           "offload": args.offload, "fused_ce": args.fused_ce, "offload_head": args.offload_head,
+                           "offload": args.offload, "checkpoint_layers": args.checkpoint_layers,
+                           "fused_ce": args.fused_ce, "offload_head": args.offload_head,
                            "fused_norm": args.fused_norm,
                            "optim": args.optim,
                            "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh 2     # gpt-oss-20b shapes: the T4 recipe under a T4's cap, then 4k / 16k tokens
 #   bash benchmarks/gpu_session.sh 3     # fused CE: frozen head (chunks vs tiles), trainable head, streamed head
 #   bash benchmarks/gpu_session.sh 4     # rollouts, QAT
-#   bash benchmarks/gpu_session.sh 5     # QLoRA with every offload
+#   bash benchmarks/gpu_session.sh 5     # QLoRA with every offload, and with no layer recomputed; gpt-oss likewise
 #   bash benchmarks/gpu_session.sh 6     # attention: the CUTLASS backward probe, the CUDA tests, Triton vs CUTLASS
 #   bash benchmarks/gpu_session.sh 7     # gpt-oss-20b shapes at 64k and 131,072 tokens (the model's longest context)
 #
@@ -62,8 +62,10 @@ case "${1:-1}" in
     step qat 190 python benchmarks/qat.py
     ;;
 5)
-    step qlora_offload 220 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
-        nbhelpers-layers --json "$OUT/qlora_offload.json"
+    step qlora_offload 290 python benchmarks/qlora_step.py --layers 4 --paths plain nbhelpers-offload \
+        nbhelpers-layers nbhelpers-nockpt --json "$OUT/qlora_offload.json"
+    step gpt_oss_nockpt 240 python benchmarks/gpt_oss_step.py --tokens 1024 4096 --attn nbhelpers --fused-ce \
+        --fused-norm --checkpoint-layers 0 --skip check experts --json "$OUT/gpt_oss_nockpt.json"
     ;;
 6)
     step cutlass_probe 60 python benchmarks/cutlass_backward_probe.py

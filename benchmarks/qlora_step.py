@@ -12,6 +12,11 @@
   nbhelpers-layers as nbhelpers-offload, and the decoder layers' frozen NF4 weights in pinned host memory, copied to
                    the GPU one layer ahead of use (`offload_layer_weights`): the lowest peak we offer, against the
                    issue's <= 40% of plain; each layer's weights cross PCIe twice per step
+  nbhelpers-nockpt as nbhelpers with the embedding table on the CPU and the LM head streamed, and no layer
+                   checkpointed (`enable_offloaded_checkpointing(model, layers=0)`): what
+                   `plan_memory(..., checkpoint_layers="auto")` picks when memory allows. No layer is recomputed in
+                   backward, so a step runs one forward pass fewer; its activations grow with the layer count, so
+                   read its memory ratio at these few layers as such (`memory.estimate` gives the full model's)
 
 Llama-3-8B shapes (hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128,256) with random weights and
 `--layers` decoder layers (default 4 of the real 32, to keep load time and memory small: the LM head / loss part
@@ -58,8 +63,8 @@ def llama3_8b_config(layers: int, quick: bool):
 
 
 SPEED_UP = {"plain": None, "nbhelpers-linear": dict(fused_mlp=False, fused_qkv=False, fused_norm=False),
-            "nbhelpers": {}, "nbhelpers-offload": {}, "nbhelpers-layers": {}}
-OFFLOADS = {"nbhelpers-offload", "nbhelpers-layers"}
+            "nbhelpers": {}, "nbhelpers-offload": {}, "nbhelpers-layers": {}, "nbhelpers-nockpt": {}}
+OFFLOADS = {"nbhelpers-offload", "nbhelpers-layers", "nbhelpers-nockpt"}  # embedding table and LM head on the host
 
 # kernel families, by substrings of the kernel's name (first match wins)
 FAMILIES = (
@@ -85,7 +90,7 @@ def load(name, path, dtype, device):
     if name in OFFLOADS:
         from nbhelpers.offload import enable_offloaded_checkpointing, offload_embeddings, offload_lm_head
 
-        enable_offloaded_checkpointing(model)
+        enable_offloaded_checkpointing(model, layers=0 if name == "nbhelpers-nockpt" else None)
         offload_embeddings(model, device)
         offload_lm_head(model, device)
     if name == "nbhelpers-layers":
@@ -139,17 +144,18 @@ def planned_mb(config, name, args, dtype) -> float:
     fused = SPEED_UP[name] is not None  # speed_up's fused loss is on in both of our paths
     est = estimate(config, seq_len=args.seq_len, batch=args.batch, lora_r=LORA_R, quantization="nf4", dtype=dtype,
                    gradient_checkpointing=True, attn_implementation="sdpa", fused_ce=fused,
-                   fused_layers=fused and SPEED_UP[name].get("fused_mlp", True), offload_activations=name in OFFLOADS,
-                   offload_embeddings=name in OFFLOADS, offload_head=name in OFFLOADS,
-                   offload_layers=name == "nbhelpers-layers")
+                   fused_layers=fused and SPEED_UP[name].get("fused_mlp", True),
+                   offload_activations=name in OFFLOADS - {"nbhelpers-nockpt"}, offload_embeddings=name in OFFLOADS,
+                   offload_head=name in OFFLOADS, offload_layers=name == "nbhelpers-layers",
+                   checkpoint_layers=0 if name == "nbhelpers-nockpt" else None)
     return (est["total"] - est["reserve"]) / 2**20
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 2 with --quick)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; 64 with --quick)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -159,7 +165,9 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.seq_len, args.steps, args.warmup = 2, 64, 2, 1
+        args.steps, args.warmup = 2, 1
+    args.layers = args.layers or (2 if args.quick else 4)
+    args.seq_len = args.seq_len or (64 if args.quick else 2048)
     device = pick_device()
     dtype = pick_dtype(device)
     config = llama3_8b_config(args.layers, args.quick)

@@ -206,12 +206,16 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
              offload_head: bool = False, offload_layers: bool = False,
              attn_implementation: str | None = None, lora_experts: bool | None = None,
              generation: tuple[int, int] | None = None, optimizer: str = "adamw", fused_layers: bool = False,
-             cuda: bool = True, ce_tiles: bool | None = None) -> Estimate:
+             cuda: bool = True, ce_tiles: bool | None = None, checkpoint_layers: int | None = None) -> Estimate:
     """Itemised predicted peak bytes of LoRA training (and generation with `generation=(sequences, length)`).
 
     config: a transformers config, or a model name / path / `tiny:<arch>` (only its config is read).
     quantization: None (all weights in `dtype`), "nf4" (bitsandbytes NF4 for every linear but the head, and the
     experts), "mxfp4" (gpt-oss experts as uint8 blocks + scales, everything else in `dtype`).
+    checkpoint_layers: with gradient_checkpointing, how many decoder layers are checkpointed, the first ones
+    (default: all; `enable_offloaded_checkpointing(model, layers=...)`). The others keep their activations until
+    backward: every layer costs its input (when checkpointed and not offloaded) or its activations (when not).
+    With any layer unchecked, backward reaches those first, so no recomputation runs on top of them all.
     offload_activations: checkpointed layer inputs live in host memory (needs gradient_checkpointing).
     offload_embeddings: the input embedding table lives on the CPU (not when tied to the LM head).
     fused_ce: the loss never materialises all logits, only a chunk of them (`fused_ce_bytes`).
@@ -256,6 +260,13 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
         raise ValueError("offload_activations needs gradient_checkpointing (the offloaded tensors are the "
                          "checkpointed layer inputs)")
     c, m = _count(config), _dims(config)
+    ckpt = (m["L"] if checkpoint_layers is None else checkpoint_layers) if gradient_checkpointing else 0
+    if isinstance(ckpt, bool) or not isinstance(ckpt, int) or not 0 <= ckpt <= m["L"]:
+        raise ValueError(f"checkpoint_layers must be None or an int from 0 to {m['L']} (the decoder layers), got "
+                         f"{checkpoint_layers!r}")
+    if offload_layers and ckpt < m["L"]:
+        raise ValueError(f"offload_layers needs every layer checkpointed, got checkpoint_layers={ckpt} of {m['L']}: "
+                         "autograd would keep the unchecked layers' weights until backward")
     b = _BYTES[dtype]
     attn = attn_implementation or ("eager" if m["moe"] else "sdpa")
     lora_experts = m["moe"] if lora_experts is None else lora_experts
@@ -282,10 +293,8 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     t = batch * seq_len
     layer = layer_activation_bytes(config, seq_len=seq_len, batch=batch, lora_r=lora_r, act_bytes=b,
                                    attn_implementation=attn, fused_layers=fused_layers)
-    if gradient_checkpointing:
-        saved = 0 if offload_activations else m["L"] * t * m["H"] * b
-    else:
-        saved = m["L"] * layer
+    # checkpointed layers keep their input (unless offloaded), the others what autograd saves in them
+    saved = (0 if offload_activations else ckpt * t * m["H"] * b) + (m["L"] - ckpt) * layer
 
     # working sets of the phases
     grads_in_flight = 3 * t * m["H"] * b  # gradient of the hidden state in, out, and of the residual branch
@@ -295,7 +304,9 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     dequantized = c["max_linear"] * b * 2 if quantization == "nf4" else 0
     if quantization == "mxfp4" and t4 and c["expert_lora_stacks"]:
         dequantized = max(i * o for _, i, o in c["expert_lora_stacks"]) * b
-    layer_phase = grads_in_flight + dequantized + (layer if gradient_checkpointing else 0)
+    # a recomputed layer's activations come on top of the saved ones only when every layer is checkpointed: else
+    # backward first goes through the last, unchecked layers, whose activations are the larger set, and frees them
+    layer_phase = grads_in_flight + dequantized + (layer if ckpt == m["L"] else 0)
     if attn == "nbhelpers" and t4 and m["nq"] != m["nkv"]:
         # a T4 runs our attention on torch's CUTLASS kernels (`kernels/attention/efficient.py`): backward holds K
         # and V repeated to every query head, and their gradients at that size, before the group sums. Not counted:
@@ -326,6 +337,7 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     est.peak_phase = peak_phase
     est.settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, quantization=quantization,
                         dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=gradient_checkpointing,
+                        checkpoint_layers=ckpt,
                         offload_activations=offload_activations, offload_embeddings=offload_embeddings,
                         fused_ce=fused_ce, offload_head=offload_head, offload_layers=offload_layers,
                         attn_implementation=attn, lora_experts=lora_experts,
@@ -391,19 +403,28 @@ def check_memory(model_name: str, device, *, seq_len: int, batch: int, lora_r: i
 def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int, lora_r: int = 16,
                 quantization: str | None = "nf4", dtype: torch.dtype = torch.float16,
                 available_bytes: int | None = None, shrink: bool = True, min_seq_len: int = 128,
-                offload_layers: bool | str = False, host_bytes: int | None = None, **kwargs) -> dict:
+                offload_layers: bool | str = False, host_bytes: int | None = None,
+                checkpoint_layers: int | str | None = None, headroom: float = 0.15, **kwargs) -> dict:
     """Check the settings against the device before loading anything; print the itemised table.
 
     When the estimate exceeds the available memory: with `offload_layers="auto"`, first keep the decoder layers'
     weights in host memory (`offload_layer_weights`) if they fit in 80% of `host_bytes` (default: the host's
     available RAM) and checkpointing is on; then, if `shrink` is true, halve the batch (down to 1), then the sequence
     length (down to `min_seq_len`), saying what changed; if nothing fits (or `shrink` is false) raise WontFitError
-    with the estimate. Returns {"seq_len", "batch", "grad_accum_factor", "offload_layers", "estimate", "changes"}:
+    with the estimate. With `checkpoint_layers="auto"` (and checkpointing on), once the settings fit, fewer layers
+    are checkpointed, as long as the estimate stays within `1 - headroom` of the available memory (the margin is
+    for the planner's own error): an unchecked layer is not recomputed, which saves a forward pass of it per step.
+    Returns {"seq_len", "batch", "grad_accum_factor", "offload_layers", "checkpoint_layers", "estimate", "changes"}:
     multiply gradient accumulation by `grad_accum_factor` to keep the effective batch; offload the layers' weights
-    when "offload_layers" is true.
+    when "offload_layers" is true; checkpoint the first "checkpoint_layers" decoder layers
+    (`enable_offloaded_checkpointing(model, layers=...)`).
     """
     if offload_layers not in (True, False, "auto"):
         raise ValueError(f"offload_layers must be True, False or 'auto', got {offload_layers!r}")
+    if checkpoint_layers != "auto" and not (checkpoint_layers is None or isinstance(checkpoint_layers, int)):
+        raise ValueError(f"checkpoint_layers must be None, an int or 'auto', got {checkpoint_layers!r}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be a fraction from 0 to 1 (memory kept free), got {headroom!r}")
     config = model_name_or_config
     name = config if isinstance(config, str) else getattr(config, "_name_or_path", "") or config.model_type
     if isinstance(config, str):
@@ -413,9 +434,9 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
     available_bytes = _available(device, available_bytes)
     kwargs.setdefault("cuda", torch.device(device).type == "cuda")
 
-    def est_for(s, b_, layers):
+    def est_for(s, b_, layers, ckpt=None if checkpoint_layers == "auto" else checkpoint_layers):
         return estimate(config, seq_len=s, batch=b_, lora_r=lora_r, quantization=quantization, dtype=dtype,
-                        offload_layers=layers, **kwargs)
+                        offload_layers=layers, checkpoint_layers=ckpt, **kwargs)
 
     s, b_ = seq_len, batch
     layers = offload_layers is True
@@ -442,6 +463,16 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
         changes.append(f"batch {batch} -> {b_}")
     if s != seq_len:
         changes.append(f"max_length {seq_len} -> {s}")
+    n_layers = est.settings["checkpoint_layers"]
+    if checkpoint_layers == "auto" and n_layers and not layers:
+        for n in range(n_layers):  # fewer checkpointed layers need more memory: take the first that fits
+            fewer = est_for(s, b_, False, n)
+            if fewer["total"] <= (1 - headroom) * available_bytes:
+                print(f"checkpointing {n} of {n_layers} decoder layers: the others keep their activations and are "
+                      f"not recomputed ({fewer['total'] / GB:.2f} GB, within {1 - headroom:.0%} of "
+                      f"{available_bytes / GB:.1f} GB)")
+                est, n_layers = fewer, n
+                break
     print(f"memory plan for {name} (batch {b_}, length {s}):")
     print(format_table(est, available_bytes))
     check_fits(est, available_bytes, what=f"{name} at batch {b_}, length {s}")
@@ -450,8 +481,8 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
               + (f"; gradient accumulation x{batch // b_} keeps the effective batch" if b_ != batch else ""))
     else:
         print("fits as configured")
-    return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "offload_layers": layers, "estimate": est,
-            "changes": changes}
+    return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "offload_layers": layers,
+            "checkpoint_layers": n_layers, "estimate": est, "changes": changes}
 
 
 class LiveBytes(TorchDispatchMode):

@@ -6,6 +6,7 @@ pinned host memory: the copy runs on a side CUDA stream while the next layers co
 the GPU when the backward pass recomputes the layer. That frees `layers x tokens x hidden` bytes of GPU memory.
 
     enable_offloaded_checkpointing(model)          # peft or transformers model; GPU: offload, CPU: plain checkpoint
+    enable_offloaded_checkpointing(model, layers=n)  # only the first n layers; the rest are not recomputed
 
 It plugs into transformers' own extension point: every `GradientCheckpointingLayer` (the decoder layers) gets
 `gradient_checkpointing = True` and our `_gradient_checkpointing_func`, which is
@@ -194,26 +195,34 @@ def _model_device(model) -> torch.device:
 
 
 def enable_offloaded_checkpointing(model, offload: bool | None = None, max_pinned_bytes: int | None = None,
-                                   verbose: bool = True) -> HostOffloader | None:
-    """Checkpoint every decoder layer; with `offload` (default: when the model is on a GPU) keep each layer's input
-    in pinned host memory between forward and backward. Works on transformers and peft models. Returns the
-    offloader (its `stats` count what was offloaded), or None for plain checkpointing.
+                                   verbose: bool = True, layers: int | None = None) -> HostOffloader | None:
+    """Checkpoint the decoder layers; with `offload` (default: when the model is on a GPU) keep each checkpointed
+    layer's input in pinned host memory between forward and backward. Works on transformers and peft models.
+    Returns the offloader (its `stats` count what was offloaded), or None for plain checkpointing.
 
+    `layers`: how many decoder layers to checkpoint, the first ones (default: all). The others keep what autograd
+    saves and are not recomputed: each such layer costs its activations (`memory.layer_activation_bytes`) and saves
+    one forward pass of itself per step. `nb.plan_memory(..., checkpoint_layers="auto")` picks the fewest that fit.
     `max_pinned_bytes` caps pinned host memory (Colab has ~12.7 GB of RAM); beyond it, pageable memory is used.
     """
-    layers = decoder_layers(model)
+    all_layers = decoder_layers(model)
+    n = len(all_layers) if layers is None else layers
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(all_layers):
+        raise ValueError(f"layers must be an int from 0 to {len(all_layers)} (the model's decoder layers), got "
+                         f"{layers!r}")
     device = _model_device(model)
     offload = device.type == "cuda" if offload is None else offload
-    offloader = HostOffloader(max_pinned_bytes=max_pinned_bytes, verbose=verbose) if offload else None
+    offloader = HostOffloader(max_pinned_bytes=max_pinned_bytes, verbose=verbose) if offload and n else None
     func = functools.partial(_checkpoint_layer, offloader=offloader)
-    for layer in layers:
-        layer.gradient_checkpointing = True
+    for i, layer in enumerate(all_layers):
+        layer.gradient_checkpointing = i < n
         layer._gradient_checkpointing_func = func
     base = _unwrap(model)
     base._nbhelpers_offloader = offloader
     if verbose:
-        where = "inputs offloaded to pinned host memory" if offload else "inputs kept on " + device.type
-        print(f"checkpointing {len(layers)} decoder layers ({where})")
+        where = "inputs offloaded to pinned host memory" if offloader else "inputs kept on " + device.type
+        rest = "" if n == len(all_layers) else f"; the other {len(all_layers) - n} keep their activations"
+        print(f"checkpointing {n} of {len(all_layers)} decoder layers ({where}{rest})")
     return offloader
 
 

@@ -15,7 +15,7 @@ PRESETS = {
         "tiny": dict(
             model_name="tiny:llama", dataset_name="synthetic:sort", system_prompt=None, n_train=4000, n_eval=50,
             max_steps=300, batch_size=16, grad_accum=1, learning_rate=5e-3, lora_r=32, lora_alpha=32,
-            max_length=256, max_new_tokens=16, quantization="nf4", gradient_checkpointing=False,
+            max_length=256, max_new_tokens=16, quantization="nf4", gradient_checkpointing=True,
             logging_steps=10),
     },
     "gpt_oss_grpo": {

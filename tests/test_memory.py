@@ -265,6 +265,109 @@ def test_plan_memory_offloads_layer_weights_before_shrinking(capsys):
         memory.plan_memory(cfg, "cpu", seq_len=512, batch=4, offload_layers="yes", **kw)
 
 
+def test_partial_checkpointing_by_hand():
+    """The first n layers keep their input, the other L - n their activations; only with every layer checkpointed
+    does a recomputed layer come on top of what is saved."""
+    cfg = tiny_llama_config(num_hidden_layers=5)
+    kw = dict(seq_len=10, batch=2, lora_r=4, quantization=None, dtype=torch.float16, cuda=False)
+    T, H, b = 20, 16, 2
+    layer = memory.layer_activation_bytes(cfg, seq_len=10, batch=2, lora_r=4, act_bytes=b,
+                                          attn_implementation="sdpa")
+    grads = 3 * T * H * b
+    full = memory.estimate(cfg, **kw)
+    assert full.settings["checkpoint_layers"] == 5 and full.phases["layer"] == grads + layer
+    none = memory.estimate(cfg, **kw, gradient_checkpointing=False)
+    assert none.settings["checkpoint_layers"] == 0
+    for n in range(6):
+        est = memory.estimate(cfg, **kw, checkpoint_layers=n)
+        assert est["saved_activations"] == n * T * H * b + (5 - n) * layer, n
+        assert est.phases["layer"] == grads + (layer if n == 5 else 0), n
+        off = memory.estimate(cfg, **kw, checkpoint_layers=n, offload_activations=True)
+        assert off["saved_activations"] == (5 - n) * layer, n
+    assert dict(memory.estimate(cfg, **kw, checkpoint_layers=0)) == dict(none)
+    assert dict(memory.estimate(cfg, **kw, checkpoint_layers=5)) == dict(full)
+    totals = [memory.estimate(cfg, **kw, checkpoint_layers=n)["total"] for n in range(6)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
+    # checkpoint_layers only counts with checkpointing on
+    assert memory.estimate(cfg, **kw, gradient_checkpointing=False, checkpoint_layers=3).settings[
+        "checkpoint_layers"] == 0
+    for bad in (-1, 6, 2.0, True):
+        with pytest.raises(ValueError, match=r"checkpoint_layers must be None or an int from 0 to 5 .* got"):
+            memory.estimate(cfg, **kw, checkpoint_layers=bad)
+    with pytest.raises(ValueError, match="offload_layers needs every layer checkpointed, got checkpoint_layers=4"):
+        memory.estimate(cfg, **kw, checkpoint_layers=4, offload_layers=True)
+
+
+def test_unchecked_layers_cost_what_the_planner_counts():
+    """A whole LoRA step (bf16 autocast, peft on every linear) with 0, 2 and 4 of 4 layers checkpointed: the peak's
+    growth per layer left unchecked, and the step from all checkpointed to none, are the planner's within 10%."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from nbhelpers.offload import enable_offloaded_checkpointing
+
+    cfg = tiny_llama_config(hidden_size=128, intermediate_size=448, head_dim=32, num_attention_heads=4,
+                            vocab_size=64, num_hidden_layers=4)  # Llama-3-8B's MLP ratio, 3.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(0, 64, (1, 157), generator=torch.Generator().manual_seed(0))
+    measured, planned = {}, {}
+    for n in (0, 2, 4):
+        enable_offloaded_checkpointing(model, offload=False, layers=n, verbose=False)
+        with memory.LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            del loss
+        model.zero_grad(set_to_none=True)
+        measured[n] = live.peak - live.base
+        est = memory.estimate(cfg, seq_len=157, batch=1, lora_r=8, quantization=None, dtype=torch.bfloat16,
+                              attn_implementation="sdpa", cuda=False, checkpoint_layers=n)
+        planned[n] = est["saved_activations"] + est["working"]
+    for a, b in ((0, 2), (0, 4)):
+        ratio = (measured[a] - measured[b]) / (planned[a] - planned[b])
+        assert abs(ratio - 1) < 0.10, (a, b, ratio, measured, planned)
+
+
+def test_plan_memory_checkpoints_the_fewest_layers_that_fit(capsys):
+    cfg = tiny_llama_config(vocab_size=5000, num_hidden_layers=6)
+    kw = dict(lora_r=4, quantization=None, dtype=torch.float16, cuda=False, seq_len=512, batch=4)
+    totals = [memory.estimate(cfg, checkpoint_layers=n, **kw)["total"] for n in range(7)]
+    # room for 2 checkpointed layers within 85% of the memory, not for 1
+    available = int(totals[2] / 0.85) + 1
+    assert totals[1] > 0.85 * available
+    plan = memory.plan_memory(cfg, "cpu", available_bytes=available, checkpoint_layers="auto", **kw)
+    assert plan["checkpoint_layers"] == 2 and plan["estimate"]["total"] == totals[2]
+    assert plan["estimate"].settings["checkpoint_layers"] == 2
+    assert "checkpointing 2 of 6 decoder layers" in capsys.readouterr().out
+    # a different margin moves the choice; plenty of memory: none checkpointed
+    assert memory.plan_memory(cfg, "cpu", available_bytes=available, checkpoint_layers="auto", headroom=0.3,
+                              **kw)["checkpoint_layers"] > 2
+    assert memory.plan_memory(cfg, "cpu", available_bytes=100 * GB, checkpoint_layers="auto",
+                              **kw)["checkpoint_layers"] == 0
+    # no room to spare: all of them; shrinking still comes first when nothing fits
+    assert memory.plan_memory(cfg, "cpu", available_bytes=totals[6], checkpoint_layers="auto",
+                              **kw)["checkpoint_layers"] == 6
+    small = memory.plan_memory(cfg, "cpu", available_bytes=totals[6] // 2, checkpoint_layers="auto", **kw)
+    assert small["batch"] < 4 and small["estimate"]["total"] <= 0.85 * totals[6] // 2
+    # not asked: as given (default all; none without checkpointing); layer weight offload needs them all
+    assert memory.plan_memory(cfg, "cpu", available_bytes=100 * GB, **kw)["checkpoint_layers"] == 6
+    assert memory.plan_memory(cfg, "cpu", available_bytes=100 * GB, checkpoint_layers=3,
+                              **kw)["checkpoint_layers"] == 3
+    assert memory.plan_memory(cfg, "cpu", available_bytes=100 * GB, checkpoint_layers="auto",
+                              gradient_checkpointing=False, **kw)["checkpoint_layers"] == 0
+    offloaded = memory.estimate(cfg, offload_layers=True, **kw)["total"]
+    plan = memory.plan_memory(cfg, "cpu", available_bytes=offloaded, checkpoint_layers="auto",
+                              offload_layers="auto", host_bytes=10 * GB, **kw)
+    assert plan["offload_layers"] and plan["checkpoint_layers"] == 6
+    with pytest.raises(ValueError, match="checkpoint_layers must be None, an int or 'auto', got 'some'"):
+        memory.plan_memory(cfg, "cpu", checkpoint_layers="some", **kw)
+    with pytest.raises(ValueError, match="headroom must be a fraction"):
+        memory.plan_memory(cfg, "cpu", checkpoint_layers="auto", headroom=1.5, **kw)
+
+
 def test_bad_settings_are_named():
     cfg = tiny_llama_config()
     with pytest.raises(ValueError, match="quantization"):

@@ -127,6 +127,31 @@ def test_checkpointed_layers_save_only_their_input(tiny_llama):
         assert len(tensors) == 1 and tensors[0] is inputs[i], f"layer {i} saved {[t.shape for t in tensors]}"
 
 
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt_oss"])
+def test_checkpointing_some_layers(request, arch, capsys):
+    """`layers=n` checkpoints the first n decoder layers: they save only their input (offloaded when asked), the
+    others all they need; loss and gradients stay those of the model without checkpointing."""
+    model = _load(request.getfixturevalue(arch))
+    ids, labels = _batch(model)
+    expected = _loss_and_grads(model, ids, labels)
+    L = model.config.num_hidden_layers
+    for n in (1, 0, L):
+        off = offload.enable_offloaded_checkpointing(model, offload=True, layers=n)
+        assert f"checkpointing {n} of {L} decoder layers" in capsys.readouterr().out
+        assert [layer.gradient_checkpointing for layer in offload.decoder_layers(model)] == [i < n for i in range(L)]
+        _assert_same(_loss_and_grads(model, ids, labels), expected)
+        assert (off is None) == (n == 0)
+        if off is not None:
+            assert off.stats["packed"] == n and off.stats["bytes"] == n * ids.numel() * model.config.hidden_size * 4
+    offload.enable_offloaded_checkpointing(model, offload=False, layers=1, verbose=False)
+    saved, inputs = _saved_per_layer(model, ids, labels)
+    assert len(saved[0]) == 1 and saved[0][0] is inputs[0]
+    assert all(len(saved[i]) > 5 for i in range(1, L))
+    for bad in (-1, L + 1, 1.0, True, "auto"):
+        with pytest.raises(ValueError, match=rf"layers must be an int from 0 to {L} .* got"):
+            offload.enable_offloaded_checkpointing(model, layers=bad)
+
+
 def test_pinned_cap_falls_back_with_a_message(tiny_llama, capsys):
     model = _load(tiny_llama)
     ids, labels = _batch(model)

@@ -74,7 +74,9 @@ print(cfg)
 # which `nb.speed_up` turns on below, are counted, and so are the offloads of the VRAM-savers section and of the
 # training cell). If the settings do not fit, it first moves the decoder layers' frozen weights to host memory
 # (copied back one layer ahead of use; only when they fit in the host's RAM), then shrinks the batch, then the
-# length, and says so; if nothing fits we stop here with the itemised estimate.
+# length, and says so; if nothing fits we stop here with the itemised estimate. When there is room to spare, it
+# checkpoints only as many decoder layers as memory needs (`checkpoint_layers="auto"`, keeping 15% free for its own
+# error): a layer that keeps its activations is not recomputed in backward, which saves a forward pass of it.
 
 # %%
 on_gpu = device.type == "cuda"
@@ -84,7 +86,8 @@ plan = nb.plan_memory(cfg["model_name"], device, seq_len=cfg["max_length"], batc
                       offload_activations=on_gpu and cfg["gradient_checkpointing"], offload_embeddings=on_gpu,
                       offload_head=True, fused_ce=True,  # the head: while training, below
                       fused_layers=on_gpu and cfg["quantization"] == "nf4",  # `nb.speed_up`, below
-                      offload_layers="auto")  # only if it does not fit otherwise
+                      offload_layers="auto",  # only if it does not fit otherwise
+                      checkpoint_layers="auto")  # the fewest that fit
 cfg.update(max_length=plan["seq_len"], batch_size=plan["batch"],
            grad_accum=cfg["grad_accum"] * plan["grad_accum_factor"])
 estimate = plan["estimate"]
@@ -113,12 +116,12 @@ model.print_trainable_parameters()
 
 # %% [markdown]
 # ## VRAM savers
-# On a GPU each decoder layer is checkpointed with its input kept in pinned CPU memory, and the input embedding
-# table stays on the CPU (lookups there, results to the GPU); on a CPU, plain checkpointing if the preset asks.
+# On a GPU the decoder layers the plan checkpoints keep only their input, in pinned CPU memory, and the input
+# embedding table stays on the CPU (lookups there, results to the GPU); on a CPU, plain checkpointing.
 
 # %%
 if cfg["gradient_checkpointing"]:
-    nb.enable_offloaded_checkpointing(model)
+    nb.enable_offloaded_checkpointing(model, layers=plan["checkpoint_layers"])
 if on_gpu:
     nb.offload_embeddings(model, device)
 
