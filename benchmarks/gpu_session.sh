@@ -73,7 +73,7 @@ case "${1:-1}" in
     step attention_backends 300 python benchmarks/attention.py --lengths 2048 8192 --methods triton efficient flex \
         --dtype float16 --rep 50 --json "$OUT/attention_backends.json"
     ;;
-7)  # the planner predicts 30.7 GB at 64k and 45.7 GB at 131,072 tokens; one step each, its first (memory, not speed)
+7)  # the planner predicts 31.4 GB at 64k and 47.2 GB at 131,072 tokens; one step each, its first (memory, not speed)
     step gpt_oss_longest 560 python benchmarks/gpt_oss_step.py --tokens 65536 131072 --steps 1 --warmup 0 \
         --attn nbhelpers --offload --fused-ce --fused-norm --skip check experts --json "$OUT/gpt_oss_longest.json"
     ;;

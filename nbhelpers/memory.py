@@ -117,8 +117,8 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
                            attn_implementation: str, fused_layers: bool = False) -> int:
     """Bytes autograd saves in one decoder layer (LoRA on every linear, frozen base, compute dtype `act_bytes`).
 
-    Per token: the RMSNorm fp32 copy (4H); the normed input and LoRA's own casts of it (q/k/v: 4H for Llama-style,
-    3H for gpt-oss); q after RoPE, attention output, o_proj input (3q); k, v (2kv, or 2q when eager attention
+    Per token: the two RMSNorms' fp32 copies (8H); the normed input and LoRA's own casts of it (q/k/v: 4H for
+    Llama-style, 3H for gpt-oss); q after RoPE, attention output, o_proj input (3q); k, v (2kv, or 2q when eager attention
     repeats the KV heads); LoRA's rank-r intermediates (7r); Llama MLP: gate, up, SiLU, down input (4I) and one more
     H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and 6I for gate_up: the
     activation (`kernels/gpt_oss_swiglu.py`) keeps gate_up alone (2I), and its backward's gate_up-sized gradients
@@ -136,7 +136,7 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     t, b, H = batch * seq_len, act_bytes, m["H"]
     eager = attn_implementation == "eager"
     fused = fused_layers and not m["moe"]
-    per_token = (8 if fused else 4 * H) + b * (3 * m["q"] + 7 * lora_r)  # the norms' fp32 1/rms, or fp32 copy
+    per_token = (8 if fused else 8 * H) + b * (3 * m["q"] + 7 * lora_r)  # the norms' fp32 1/rms, or fp32 copies
     per_token += b * (2 * m["q"] if eager else 2 * m["kv"])
     if m["moe"]:
         per_token += b * (3 * H + m["k"] * (H + 6 * m["I"] + 4 * lora_r) + m["E"])
@@ -307,6 +307,11 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     # a recomputed layer's activations come on top of the saved ones only when every layer is checkpointed: else
     # backward first goes through the last, unchecked layers, whose activations are the larger set, and frees them
     layer_phase = grads_in_flight + dequantized + (layer if ckpt == m["L"] else 0)
+    if b < 4 and not m["moe"] and not fused_layers:
+        # peft casts each LoRA input to its fp32 weights' dtype before autocast casts it back: for down_proj, an
+        # fp32 [tokens, I] copy alive while the MLP runs, where a Llama-style layer's peak is. (gpt-oss peaks in
+        # the experts' backward, past peft's casts; our fused layers cast the factors, not the input.)
+        layer_phase += 4 * t * max(m["I"], m["H"], m["q"])
     if attn == "nbhelpers" and t4 and m["nq"] != m["nkv"]:
         # a T4 runs our attention on torch's CUTLASS kernels (`kernels/attention/efficient.py`): backward holds K
         # and V repeated to every query head, and their gradients at that size, before the group sums. Not counted:
@@ -463,15 +468,15 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
         changes.append(f"batch {batch} -> {b_}")
     if s != seq_len:
         changes.append(f"max_length {seq_len} -> {s}")
-    n_layers = est.settings["checkpoint_layers"]
-    if checkpoint_layers == "auto" and n_layers and not layers:
-        for n in range(n_layers):  # fewer checkpointed layers need more memory: take the first that fits
+    checkpointed = est.settings["checkpoint_layers"]
+    if checkpoint_layers == "auto" and checkpointed and not layers:
+        for n in range(checkpointed):  # fewer checkpointed layers need more memory: take the first that fits
             fewer = est_for(s, b_, False, n)
             if fewer["total"] <= (1 - headroom) * available_bytes:
-                print(f"checkpointing {n} of {n_layers} decoder layers: the others keep their activations and are "
+                print(f"checkpointing {n} of {checkpointed} decoder layers: the others keep their activations and are "
                       f"not recomputed ({fewer['total'] / GB:.2f} GB, within {1 - headroom:.0%} of "
                       f"{available_bytes / GB:.1f} GB)")
-                est, n_layers = fewer, n
+                est, checkpointed = fewer, n
                 break
     print(f"memory plan for {name} (batch {b_}, length {s}):")
     print(format_table(est, available_bytes))
@@ -482,7 +487,7 @@ def plan_memory(model_name_or_config, device="cuda", *, seq_len: int, batch: int
     else:
         print("fits as configured")
     return {"seq_len": s, "batch": b_, "grad_accum_factor": batch // b_, "offload_layers": layers,
-            "checkpoint_layers": n_layers, "estimate": est, "changes": changes}
+            "checkpoint_layers": checkpointed, "estimate": est, "changes": changes}
 
 
 class LiveBytes(TorchDispatchMode):

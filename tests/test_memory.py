@@ -42,8 +42,9 @@ def test_tiny_config_by_hand():
     assert (est["lora_params"], est["lora_grads"], est["optimizer"]) == (4 * lora, 4 * lora, 8 * lora)
     assert est["saved_activations"] == L * T * H * b  # checkpointing: the layer inputs only
     loss = T * H * (4 + b) + 12 * T * V
-    per_token = 4 * H + b * (5 * H + 3 * q + 2 * kv + 4 * I + 7 * r)
-    layer = T * per_token + 4 * T * 4 + 3 * T * H * b  # + log-sum-exp per head, + gradients in flight
+    per_token = 8 * H + b * (5 * H + 3 * q + 2 * kv + 4 * I + 7 * r)
+    # + log-sum-exp per head, + gradients in flight, + peft's fp32 copy of down_proj's input
+    layer = T * per_token + 4 * T * 4 + 3 * T * H * b + 4 * T * I
     assert est.phases == {"loss": loss, "layer": layer}
     assert est["working"] == max(loss, layer) and est["reserve"] == 0
     assert est["total"] == sum(v for k, v in est.items() if k != "total")
@@ -91,7 +92,8 @@ def test_layer_activations_match_what_autograd_saves(arch):
     model.train()
     batch, seq = 2, 47
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-    measured = _saved_layer_bytes(model, ids)
+    # layer 1: layer 0's first RMSNorm saves nothing (its input, the frozen embedding's output, needs no gradient)
+    measured = _saved_layer_bytes(model, ids, layer_index=1)
     predicted = memory.layer_activation_bytes(cfg, seq_len=seq, batch=batch, lora_r=8, act_bytes=2,
                                               attn_implementation=attn)
     assert abs(predicted - measured) / measured < 0.08, (predicted, measured)
@@ -182,7 +184,8 @@ def test_gpt_oss_20b_on_a_t4_tells_the_truth():
     # expert LoRA on all 32 experts of all 24 layers: r * (in + out) per projection
     lora = 24 * 32 * 8 * ((2880 + 5760) + (2880 + 2880))
     assert on["lora_params"] >= lora * 4
-    assert 12.5 * GB < on["total"] <= T4, memory.format_table(on)  # fits, with ~0.1 GB to spare
+    # at a T4's edge (within 0.1 GB either way): too close to run; 8-bit AdamW and the head offload, below, fit
+    assert abs(on["total"] - T4) < 0.1 * GB, memory.format_table(on)
     # the same without offloads and fused CE, or with r=16 on every expert, does not fit a T4
     off = memory.estimate(cfg, lora_r=8, **kw)
     assert off["total"] > T4 and off["total"] - on["total"] > 12 * 2048 * 201088 * 0.9
@@ -196,6 +199,7 @@ def test_gpt_oss_20b_on_a_t4_tells_the_truth():
     small = memory.estimate(cfg, lora_r=8, offload_activations=True, offload_embeddings=True, fused_ce=True,
                             optimizer="adamw_8bit", **kw)
     assert 0.25 < small["optimizer"] / on["optimizer"] < 0.26 and small["total"] < on["total"] - 0.5 * GB
+    assert small["total"] <= T4 - 0.4 * GB
     # the LM head in host memory as well (streamed by the fused loss): 1.16 GB less, so r=16 fits under 14 GB
     head = dict(offload_activations=True, offload_embeddings=True, fused_ce=True, offload_head=True,
                 optimizer="adamw_8bit")
@@ -273,7 +277,7 @@ def test_partial_checkpointing_by_hand():
     T, H, b = 20, 16, 2
     layer = memory.layer_activation_bytes(cfg, seq_len=10, batch=2, lora_r=4, act_bytes=b,
                                           attn_implementation="sdpa")
-    grads = 3 * T * H * b
+    grads = 3 * T * H * b + 4 * T * 40  # and peft's fp32 copy of down_proj's input
     full = memory.estimate(cfg, **kw)
     assert full.settings["checkpoint_layers"] == 5 and full.phases["layer"] == grads + layer
     none = memory.estimate(cfg, **kw, gradient_checkpointing=False)
@@ -300,7 +304,9 @@ def test_partial_checkpointing_by_hand():
 
 def test_unchecked_layers_cost_what_the_planner_counts():
     """A whole LoRA step (bf16 autocast, peft on every linear) with 0, 2 and 4 of 4 layers checkpointed: the peak's
-    growth per layer left unchecked, and the step from all checkpointed to none, are the planner's within 10%."""
+    growth per layer left unchecked, and the step from all checkpointed to none, are the planner's within 10%; the
+    peak's growth per token, with none and with all checkpointed, within 12% (it was 1.17x and 1.37x before the
+    second RMSNorm's fp32 copy and peft's fp32 copy of down_proj's input were counted)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -312,23 +318,26 @@ def test_unchecked_layers_cost_what_the_planner_counts():
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     model.train()
-    ids = torch.randint(0, 64, (1, 157), generator=torch.Generator().manual_seed(0))
     measured, planned = {}, {}
-    for n in (0, 2, 4):
+    for n, tokens in ((0, 157), (2, 157), (4, 157), (0, 61), (4, 61)):
         enable_offloaded_checkpointing(model, offload=False, layers=n, verbose=False)
+        ids = torch.randint(0, 64, (1, tokens), generator=torch.Generator().manual_seed(0))
         with memory.LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             del loss
         model.zero_grad(set_to_none=True)
-        measured[n] = live.peak - live.base
-        est = memory.estimate(cfg, seq_len=157, batch=1, lora_r=8, quantization=None, dtype=torch.bfloat16,
+        measured[n, tokens] = live.peak - live.base
+        est = memory.estimate(cfg, seq_len=tokens, batch=1, lora_r=8, quantization=None, dtype=torch.bfloat16,
                               attn_implementation="sdpa", cuda=False, checkpoint_layers=n)
-        planned[n] = est["saved_activations"] + est["working"]
-    for a, b in ((0, 2), (0, 4)):
+        planned[n, tokens] = est["saved_activations"] + est["working"]
+    for a, b in (((0, 157), (2, 157)), ((0, 157), (4, 157))):
         ratio = (measured[a] - measured[b]) / (planned[a] - planned[b])
         assert abs(ratio - 1) < 0.10, (a, b, ratio, measured, planned)
+    for n in (0, 4):  # per token: what does not grow with the tokens (LoRA's weight casts) drops out
+        ratio = (measured[n, 157] - measured[n, 61]) / (planned[n, 157] - planned[n, 61])
+        assert abs(ratio - 1) < 0.12, (n, ratio, measured, planned)
 
 
 def test_plan_memory_checkpoints_the_fewest_layers_that_fit(capsys):
