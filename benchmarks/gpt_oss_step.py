@@ -357,7 +357,9 @@ def main(argv=None):
         if args.offload or args.checkpoint_layers is not None:
             from nbhelpers.offload import enable_offloaded_checkpointing
 
-            enable_offloaded_checkpointing(model, offload=args.offload, layers=args.checkpoint_layers)
+            # --offload: offload where it can (a GPU), as before; without it, plain checkpointing
+            enable_offloaded_checkpointing(model, offload=None if args.offload else False,
+                                           layers=args.checkpoint_layers)
         if args.offload:
             from nbhelpers.offload import offload_embeddings
 

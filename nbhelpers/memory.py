@@ -118,10 +118,10 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
     """Bytes autograd saves in one decoder layer (LoRA on every linear, frozen base, compute dtype `act_bytes`).
 
     Per token: the two RMSNorms' fp32 copies (8H); the normed input and LoRA's own casts of it (q/k/v: 4H for
-    Llama-style, 3H for gpt-oss); q after RoPE, attention output, o_proj input (3q); k, v (2kv, or 2q when eager attention
-    repeats the KV heads); LoRA's rank-r intermediates (7r); Llama MLP: gate, up, SiLU, down input (4I) and one more
-    H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and 6I for gate_up: the
-    activation (`kernels/gpt_oss_swiglu.py`) keeps gate_up alone (2I), and its backward's gate_up-sized gradients
+    Llama-style, 3H for gpt-oss); q after RoPE, attention output, o_proj input (3q); k, v (2kv, or 2q when eager
+    attention repeats the KV heads); LoRA's rank-r intermediates (7r); Llama MLP: gate, up, SiLU, down input (4I) and
+    one more H; gpt-oss MoE: for each of the top-k experts the routed input and expert output (H) and 6I for gate_up:
+    the activation (`kernels/gpt_oss_swiglu.py`) keeps gate_up alone (2I), and its backward's gate_up-sized gradients
     make up the rest (LoRA is added in place, `kernels/grouped_lora.py`), and the router logits (E). A whole
     gpt-oss step's per-token peak, measured on CPU with the GPU path's kernels interpreted under bf16 autocast, is
     this count within 10% (`test_gpt_oss_step_per_token_peak_matches_the_planner`). Eager attention adds its
