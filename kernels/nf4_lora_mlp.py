@@ -15,6 +15,8 @@
 Kept for backward: x, [g | u] (2I per token) and the rank-r products x A^T, h A_d^T. transformers + peft keep g, u,
 silu(g) and h (4I per token) plus per-linear copies. The gate and up bases are decoded into one [2I, H] buffer so
 that both projections are one GEMM each way (forward, and dx in backward); every decoded weight is transient.
+Backward writes [dg | du] over the saved [g | u] when the graph is freed after it (the usual `loss.backward()`),
+so its peak holds no second [T, 2I] tensor; with `retain_graph=True` it writes a new one.
 """
 from __future__ import annotations
 
@@ -23,6 +25,14 @@ import torch
 from .nf4 import dequantize_nf4_reference
 from .nf4_lora import decode_weights
 from .swiglu import swiglu_backward, swiglu_forward
+
+
+def _saved_used_once() -> bool:
+    """Whether the running backward frees the graph after it (no `retain_graph` / `create_graph`), so a saved
+    tensor is read by this backward only and may be overwritten: torch's own AOTAutograd asks the same question
+    before reusing saved buffers. False when the question cannot be asked."""
+    ask = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return ask is not None and not ask()
 
 
 class NF4LoRAMLP(torch.autograd.Function):
@@ -58,7 +68,7 @@ class NF4LoRAMLP(torch.autograd.Function):
         dh = dy2 @ wd
         del wd
         dh.addmm_(zd, ad)
-        dgu = torch.empty_like(gu)
+        dgu = gu if _saved_used_once() else torch.empty_like(gu)  # [dg | du] over [g | u] when we may
         swiglu_backward(dh, gu[:, :i], gu[:, i:], dgu[:, :i], dgu[:, i:])
         h = dh  # overwritten with h by swiglu_backward
         dad = zd.t() @ h if need[13] else None

@@ -98,16 +98,18 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = 
 
 
 def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dg: torch.Tensor, du: torch.Tensor) -> None:
-    """Write dg, du (see the module docstring) and overwrite dh with h = silu(g) * u. No autograd."""
+    """Write dg, du (see the module docstring) and overwrite dh with h = silu(g) * u. No autograd. dg and du may be
+    g and u themselves (written in place: every element is read before it is written)."""
     rows, cols = _check(dh, g, u, dg, du)
     if not use_triton(dh, g, u, dg, du):
         with torch.no_grad():
             s = torch.sigmoid(g.float())
             a = torch.nn.functional.silu(g.float()).to(g.dtype)
-            da = dh * u
+            da, h = dh * u, a * u
+            dg_ = (da.float() * (s * (1 + g.float() * (1 - s)))).to(dg.dtype)
             du.copy_(dh * a)
-            dg.copy_((da.float() * (s * (1 + g.float() * (1 - s)))).to(dg.dtype))
-            dh.copy_(a * u)
+            dg.copy_(dg_)
+            dh.copy_(h)
         return
     if rows and cols:
         with on_device(g):

@@ -18,7 +18,9 @@ length, until the estimate fits, or refuses with WontFitError.
 """
 from __future__ import annotations
 
+import gc
 import math
+import os
 import weakref
 
 import torch
@@ -130,13 +132,15 @@ def layer_activation_bytes(config, *, seq_len: int, batch: int, lora_r: int, act
 
     `fused_layers`: a Llama-style layer run by `nbhelpers.speed_up`'s ops on a GPU (fused RMSNorm, q/k/v, MLP, NF4
     LoRA linears) keeps instead, per token: each norm's input (2H) and fp32 1/rms (8 bytes), the normed inputs of
-    q/k/v and of the MLP (2H), and the MLP's gate and up outputs (2I), not SiLU(gate) or its product with up.
+    q/k/v and of the MLP (2H), q after RoPE and the attention output, which o_proj keeps as it is (2q, not 3q), and
+    the MLP's gate and up outputs (2I), not SiLU(gate) or its product with up.
     """
     m = _dims(config)
     t, b, H = batch * seq_len, act_bytes, m["H"]
     eager = attn_implementation == "eager"
     fused = fused_layers and not m["moe"]
-    per_token = (8 if fused else 8 * H) + b * (3 * m["q"] + 7 * lora_r)  # the norms' fp32 1/rms, or fp32 copies
+    # the norms' fp32 1/rms or fp32 copies; q after RoPE, attention output and (peft) o_proj's input
+    per_token = (8 if fused else 8 * H) + b * ((2 if fused else 3) * m["q"] + 7 * lora_r)
     per_token += b * (2 * m["q"] if eager else 2 * m["kv"])
     if m["moe"]:
         per_token += b * (3 * H + m["k"] * (H + 6 * m["I"] + 4 * lora_r) + m["E"])
@@ -306,7 +310,13 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
         dequantized = max(i * o for _, i, o in c["expert_lora_stacks"]) * b
     # a recomputed layer's activations come on top of the saved ones only when every layer is checkpointed: else
     # backward first goes through the last, unchecked layers, whose activations are the larger set, and frees them
-    layer_phase = grads_in_flight + dequantized + (layer if ckpt == m["L"] else 0)
+    layer_phase = grads_in_flight + dequantized
+    if fused_layers and not m["moe"]:
+        # our fused MLP's forward (also when recomputed, with the layer's output gradient waiting) holds SiLU(g) u
+        # [t, I] and its output beside the decoded down weight; its backward writes [dg | du] over [g | u]
+        mlp_forward = t * (m["I"] + m["H"]) * b + m["I"] * m["H"] * b + (t * m["H"] * b if ckpt == m["L"] else 0)
+        layer_phase = max(layer_phase, mlp_forward)
+    layer_phase += layer if ckpt == m["L"] else 0
     if b < 4 and not m["moe"] and not fused_layers:
         # peft casts each LoRA input to its fp32 weights' dtype before autocast casts it back: for down_proj, an
         # fp32 [tokens, I] copy alive while the MLP runs, where a Llama-style layer's peak is. (gpt-oss peaks in
@@ -500,6 +510,11 @@ class LiveBytes(TorchDispatchMode):
         m.peak - m.base                      # the most the run added at any moment
 
     device_type: count only storages on that device type ("cpu"), or every storage (None).
+
+    Under `TRITON_INTERPRET=1` the interpreter keeps each launch's tensor arguments in a reference cycle (its
+    recursive argument-copying closures) until the garbage collector happens to run, so a tensor freed after a
+    launch would stay counted; a GPU launch keeps nothing. While active, LiveBytes collects that garbage after every
+    interpreted launch (objects older than the `with` are frozen first, so each collection is cheap).
     """
 
     def __init__(self, tensors=(), device_type: str | None = "cpu"):
@@ -509,6 +524,20 @@ class LiveBytes(TorchDispatchMode):
         for t in tensors:
             self.track(t)
         self.base = self.now
+
+    def __enter__(self):
+        self._restore = _collect_after_interpreted_launches()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._restore()
 
     def track(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
@@ -529,3 +558,37 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t)
         return out
+
+
+def _collect_after_interpreted_launches():
+    """Under TRITON_INTERPRET=1: run the garbage collector after each interpreted launch (see `LiveBytes`), with the
+    objects that exist now frozen. Returns the function that undoes it (a no-op otherwise)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return lambda: None
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return lambda: None
+    executor = getattr(interpreter, "GridExecutor", None)
+    if executor is None or "__call__" not in vars(executor):
+        return lambda: None
+    launch = vars(executor)["__call__"]
+    froze = gc.get_freeze_count() == 0
+    if froze:
+        gc.collect()
+        gc.freeze()
+
+    def call(self, *args, **kwargs):
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    executor.__call__ = call
+
+    def restore():
+        executor.__call__ = launch
+        if froze:
+            gc.unfreeze()
+
+    return restore

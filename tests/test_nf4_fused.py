@@ -74,6 +74,22 @@ def test_swiglu_autograd_and_bad_input(path):
         swiglu_forward(a[0].t(), b[0].t())
 
 
+@pytest.mark.parametrize("path", [PATH])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_backward_in_place(path, dtype):
+    """dg and du written over g and u (slices of one [T, 2I] tensor, as the MLP's backward does) are the values
+    written into separate tensors, and h over dh is the same too."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols = 9, 1030  # a partial column block
+    gu = (torch.randn(rows, 2 * cols, generator=g) * 4).to(dtype)
+    dh = torch.randn(rows, cols, generator=g).to(dtype)
+    h, dg, du = dh.clone(), torch.empty(rows, cols, dtype=dtype), torch.empty(rows, cols, dtype=dtype)
+    swiglu_backward(h, gu[:, :cols], gu[:, cols:], dg, du)
+    h_in, gu_in = dh.clone(), gu.clone()
+    swiglu_backward(h_in, gu_in[:, :cols], gu_in[:, cols:], gu_in[:, :cols], gu_in[:, cols:])
+    assert torch.equal(gu_in[:, :cols], dg) and torch.equal(gu_in[:, cols:], du) and torch.equal(h_in, h)
+
+
 def _projection(g, n, k, r, scale, dtype):
     packed, qs = BF.quantize_4bit(torch.randn(n, k, generator=g), blocksize=64, quant_type="nf4",
                                   compress_statistics=True)
@@ -145,6 +161,61 @@ def test_mlp_keeps_less_for_backward():
     want = 4 * tokens * (2 * inter + 2 * r + r)  # [g | u] + x A^T for gate and up + h A_d^T (x itself is an input)
     assert kept["nf4_lora_mlp"] == want
     assert kept["nf4_lora_mlp_reference"] >= 2 * want
+
+
+@pytest.mark.parametrize("path", [PATH])
+def test_mlp_backward_reuses_gate_up_unless_the_graph_is_kept(path):
+    """With the graph freed after backward (the usual `loss.backward()`), the MLP's backward writes [dg | du] over
+    the saved [g | u]: its peak is exactly one [T, 2I] tensor below that of a backward with `retain_graph=True`,
+    which must leave [g | u] intact, so a second backward gives the same gradients."""
+    from nbhelpers.memory import LiveBytes
+
+    g = torch.Generator().manual_seed(6)
+    hidden, inter, tokens = 70, 45, 13
+    projections = [_projection(g, inter, hidden, 3, 1.7, torch.float32),
+                   _projection(g, inter, hidden, 2, 0.5, torch.float32),
+                   _projection(g, hidden, inter, 4, 2.0, torch.float32)]
+    x = torch.randn(tokens, hidden, generator=g)
+    dy = torch.randn(tokens, hidden, generator=g)
+    peaks, grads = {}, {}
+    for keep in (False, True):
+        xl = x.clone().requires_grad_(True)
+        ps = [[t.clone().requires_grad_(True) if i in (2, 3) else t for i, t in enumerate(p)] for p in projections]
+        leaves = [xl] + [p[i] for p in ps for i in (2, 3)]
+        y = nf4_lora_mlp(xl, *ps)
+        with LiveBytes([dy]) as live:
+            y.backward(dy, retain_graph=keep)
+        peaks[keep] = live.peak - live.base
+        grads[keep] = [t.grad.clone() for t in leaves]
+        if keep:  # the saved [g | u] must still be the forward's
+            for t in leaves:
+                t.grad = None
+            y.backward(dy)
+            assert all(torch.equal(t.grad, want) for t, want in zip(leaves, grads[True]))
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+    assert peaks[True] - peaks[False] == tokens * 2 * inter * 4, peaks
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs in the interpreter child")
+@pytest.mark.parametrize("path", [PATH])
+def test_live_bytes_ignores_what_the_interpreter_holds(path):
+    """Triton's interpreter keeps a launch's tensor arguments in a reference cycle until the garbage collector
+    runs; LiveBytes collects after each interpreted launch, so a tensor freed after a launch stops counting then,
+    as on a GPU."""
+    import gc
+
+    from nbhelpers.memory import LiveBytes
+
+    gu, dg_du = torch.randn(64, 512), torch.empty(64, 512)
+    gc.disable()  # no collection by chance: only LiveBytes' own
+    try:
+        with LiveBytes([gu, dg_du]) as live:
+            dh = torch.randn(64, 256)
+            swiglu_backward(dh, gu[:, :256], gu[:, 256:], dg_du[:, :256], dg_du[:, 256:])
+            del dh
+            assert live.now == live.base
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("path", [PATH])
@@ -332,6 +403,60 @@ def test_planner_counts_what_the_fused_layers_keep(path):
     assert saved[True] < 0.65 * saved[False]
     with pytest.raises(ValueError, match="fused_layers needs"):
         memory.estimate(cfg, seq_len=47, batch=2, quantization="mxfp4", fused_layers=True)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs in the interpreter child: the fused RMSNorm runs only in Triton")
+@pytest.mark.parametrize("path", [PATH])
+def test_fused_layers_step_costs_what_the_planner_counts(path):
+    """A whole step of an NF4 Llama through `speed_up` (fused layers and loss, bf16 autocast, the kernels interpreted,
+    so the torch-side allocations are a GPU's), with the layer checkpointed and not: the peak's growth per token is
+    the planner's count within 8%. The gradients exist before the measured steps (as in gradient accumulation), so
+    the peak does not move with them. It was 1.25x checkpointed: the MLP's backward wrote [dg | du] into a new
+    [T, 2I] tensor, and the count missed the MLP forward's SiLU(g) u and output beside the decoded down weight."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nbhelpers import memory
+    from nbhelpers.fast import speed_up
+    from nbhelpers.offload import enable_offloaded_checkpointing
+    from test_memory import tiny_llama_config
+
+    cfg = tiny_llama_config(hidden_size=64, intermediate_size=224, head_dim=16, num_attention_heads=4,
+                            vocab_size=64, num_hidden_layers=2)  # Llama-3-8B's MLP ratio, 3.5
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, quantization_config=bnb,
+                                                     attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    speed_up(model)
+
+    def step(tokens):
+        ids = torch.randint(0, 64, (1, tokens), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    step(16)  # the LoRA gradients now exist
+    ratios = {}
+    for n in (2, 0):
+        enable_offloaded_checkpointing(model, offload=False, layers=n, verbose=False)
+        measured, planned = [], []
+        for tokens in (96, 224):
+            with memory.LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
+                step(tokens)
+            measured.append(live.peak - live.base)
+            est = memory.estimate(cfg, seq_len=tokens, batch=1, lora_r=8, quantization="nf4", dtype=torch.bfloat16,
+                                  attn_implementation="sdpa", cuda=False, checkpoint_layers=n, fused_layers=True,
+                                  fused_ce=True)
+            planned.append(est["saved_activations"] + est["working"])
+        ratios[n] = (measured[1] - measured[0]) / (planned[1] - planned[0])
+    assert all(abs(r - 1) < 0.08 for r in ratios.values()), ratios
 
 
 def test_aot_compile():
