@@ -414,6 +414,9 @@ def use_nf4_lora_qkv(model) -> int:
                 outs = nf4_lora_linears(hidden.to(dtype), [
                     _nf4_lora_projection(p, name, dtype)
                     + (p.base_layer.bias.to(dtype) if p.base_layer.bias is not None else None,) for p in layers])
+            # v gets its own copy ([T, kv], small): attention saves v for backward, and a view would keep the whole
+            # [T, q + 2 kv] output alive with it, where q and k are dropped once RoPE has made new tensors of them
+            outs = (outs[0], outs[1], outs[2].contiguous())
             for p, y in zip(layers, outs):
                 p._nbhelpers_served = (hidden, y.to(hidden.dtype))
             try:

@@ -316,7 +316,10 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
         # [t, I] and its output beside the decoded down weight; its backward writes [dg | du] over [g | u]
         mlp_forward = t * (m["I"] + m["H"]) * b + m["I"] * m["H"] * b + (t * m["H"] * b if ckpt == m["L"] else 0)
         layer_phase = max(layer_phase, mlp_forward)
-    layer_phase += layer if ckpt == m["L"] else 0
+    if ckpt == m["L"]:
+        layer_phase += layer
+        if fused_layers and not m["moe"] and not offload_activations:
+            layer_phase -= t * m["H"] * b  # the first norm's input is the checkpoint's saved input, counted there
     if b < 4 and not m["moe"] and not fused_layers:
         # peft casts each LoRA input to its fp32 weights' dtype before autocast casts it back: for down_proj, an
         # fp32 [tokens, I] copy alive while the MLP runs, where a Llama-style layer's peak is. (gpt-oss peaks in

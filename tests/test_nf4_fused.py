@@ -470,6 +470,39 @@ def test_aot_compile():
         assert res["n_spills"] in (0, None)
 
 
+def test_qkv_output_is_not_kept_whole(tiny_llama, monkeypatch):
+    """Attention saves v for backward. Served as a view, v would keep the q/k/v op's whole [T, q + 2 kv] output alive
+    until backward; served as its own [T, kv] copy, that output is freed once RoPE has made new q and k."""
+    from nbhelpers.fast import use_nf4_lora_qkv
+    from nbhelpers.kernels.nf4_lora_qkv import NF4LoRAShared
+    from nbhelpers.loading import add_lora, load_model
+
+    model, _ = load_model(tiny_llama, quantization="nf4", dtype=torch.float32, device="cpu")
+    model = add_lora(model, r=4, alpha=8, gradient_checkpointing=False)
+    model.train()
+    assert use_nf4_lora_qkv(model) == model.config.num_hidden_layers
+    calls = _count_calls(monkeypatch, NF4LoRAShared)
+    cfg, shape = model.config, (2, 17)
+    head = cfg.head_dim
+    whole = shape[0] * shape[1] * head * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * 4
+    saved, inside = [], [False]
+    for attn in (m for m in model.modules() if type(m).__name__.endswith("Attention")):
+        attn.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+        attn.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):
+        if inside[0]:
+            saved.append(t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(3, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, use_cache=False)
+    assert len(calls) == cfg.num_hidden_layers
+    assert whole not in saved and whole // (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * \
+        cfg.num_key_value_heads in saved  # v's own copy
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_fused_ops_under_checkpointing(tiny_llama, offload, monkeypatch):
     """Under our (offloaded) checkpointing each layer's forward runs twice; the fused ops (and q/k/v's one-call
