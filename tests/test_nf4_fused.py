@@ -367,6 +367,21 @@ def test_qwen2_biases_same_loss_and_lora_grads(tmp_path, monkeypatch):
     assert len(calls) == 2  # the biased q/k/v of both layers went through the shared-input op
 
 
+def _nf4_peft_llama(path):
+    """The bf16 Llama saved at `path` loaded in NF4 (double-quantized, bf16 compute, SDPA), with peft LoRA r=8 on
+    every linear, in train mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=bnb,
+                                                 attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    return model
+
+
 @pytest.mark.skipif(not INTERPRETING, reason="runs in the interpreter child: the fused RMSNorm runs only in Triton")
 @pytest.mark.parametrize("path", [PATH])
 def test_planner_counts_what_the_fused_layers_keep(path):
@@ -374,8 +389,7 @@ def test_planner_counts_what_the_fused_layers_keep(path):
     Llama run through `speed_up` (bf16 autocast), and well below what transformers + peft keep there."""
     import tempfile
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from nbhelpers import memory
     from nbhelpers.fast import speed_up
@@ -387,12 +401,7 @@ def test_planner_counts_what_the_fused_layers_keep(path):
     with tempfile.TemporaryDirectory() as d:
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
         for fused in (False, True):
-            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=torch.bfloat16)
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, quantization_config=bnb,
-                                                         attn_implementation="sdpa")
-            model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-            model.train()
+            model = _nf4_peft_llama(d)
             if fused:
                 speed_up(model, fused_loss=False)
             ids = torch.randint(0, cfg.vocab_size, (2, 47), generator=torch.Generator().manual_seed(0))
@@ -415,8 +424,7 @@ def test_fused_layers_step_costs_what_the_planner_counts(path):
     [T, 2I] tensor, and the count missed the MLP forward's SiLU(g) u and output beside the decoded down weight."""
     import tempfile
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from nbhelpers import memory
     from nbhelpers.fast import speed_up
@@ -428,12 +436,7 @@ def test_fused_layers_step_costs_what_the_planner_counts(path):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, quantization_config=bnb,
-                                                     attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
-    model.train()
+        model = _nf4_peft_llama(d)
     speed_up(model)
 
     def step(tokens):
