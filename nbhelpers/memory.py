@@ -308,19 +308,21 @@ def estimate(config, *, seq_len: int, batch: int, lora_r: int = 16, quantization
     dequantized = c["max_linear"] * b * 2 if quantization == "nf4" else 0
     if quantization == "mxfp4" and t4 and c["expert_lora_stacks"]:
         dequantized = max(i * o for _, i, o in c["expert_lora_stacks"]) * b
-    # a recomputed layer's activations come on top of the saved ones only when every layer is checkpointed: else
-    # backward first goes through the last, unchecked layers, whose activations are the larger set, and frees them
+    fused = fused_layers and not m["moe"]  # a Llama-style layer through `speed_up`'s ops
+    recomputed = ckpt == m["L"]
     layer_phase = grads_in_flight + dequantized
-    if fused_layers and not m["moe"]:
+    if fused:
         # our fused MLP's forward (also when recomputed, with the layer's output gradient waiting) holds SiLU(g) u
         # [t, I] and its output beside the decoded down weight; its backward writes [dg | du] over [g | u]
-        mlp_forward = t * (m["I"] + m["H"]) * b + m["I"] * m["H"] * b + (t * m["H"] * b if ckpt == m["L"] else 0)
+        mlp_forward = t * (m["I"] + m["H"]) * b + m["I"] * m["H"] * b + (t * m["H"] * b if recomputed else 0)
         layer_phase = max(layer_phase, mlp_forward)
-    if ckpt == m["L"]:
+    # a recomputed layer's activations come on top of the saved ones only when every layer is checkpointed: else
+    # backward first goes through the last, unchecked layers, whose activations are the larger set, and frees them
+    if recomputed:
         layer_phase += layer
-        if fused_layers and not m["moe"] and not offload_activations:
+        if fused and not offload_activations:
             layer_phase -= t * m["H"] * b  # the first norm's input is the checkpoint's saved input, counted there
-    if b < 4 and not m["moe"] and not fused_layers:
+    if b < 4 and not m["moe"] and not fused:
         # peft casts each LoRA input to its fp32 weights' dtype before autocast casts it back: for down_proj, an
         # fp32 [tokens, I] copy alive while the MLP runs, where a Llama-style layer's peak is. (gpt-oss peaks in
         # the experts' backward, past peft's casts; our fused layers cast the factors, not the input.)
