@@ -25,7 +25,9 @@ checkpointing on, batch 1 x `--seq-len` 2048, AdamW on the LoRA weights. All pat
 the other, each with its own warm-up; `--rounds N` repeats the set N times, rotating the order, and reports the
 median, next to the memory planner's prediction for each path (and its error against the measured peak).
 `--profile` adds, per path, one profiled step's GPU time by kernel family (GEMM, NF4 decode, attention,
-elementwise, ...): where the step's time goes.
+elementwise, ...), its kernel launches, and the kernels' share of the timed steps' wall time: where the step's time
+goes, and how long the GPU waits on the host. On CPU it counts the ops a GPU would launch (with `TRITON_INTERPRET=1`
+and `--dtype bf16`, our kernels and autocast's casts are counted as on a GPU).
 
   python benchmarks/qlora_step.py                     # on a GPU
   python benchmarks/qlora_step.py --layers 2 --rounds 3 --profile
@@ -101,8 +103,9 @@ def load(name, path, dtype, device):
 
 
 def profile_step(step, top: int = 12) -> dict:
-    """One training step under torch.profiler: GPU time per kernel family and the `top` kernels (on CPU, for
-    checking this code only: the self time of aten ops, which the families do not classify)."""
+    """One training step under torch.profiler: GPU time per kernel family, the `top` kernels and the number of kernel
+    launches (on CPU, for checking this code only: the self time of aten ops, which the families do not classify,
+    and `count_device_ops` of one more step)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -110,7 +113,7 @@ def profile_step(step, top: int = 12) -> dict:
         step()
         if cuda:
             torch.cuda.synchronize()
-    kernels = {}
+    kernels, launches = {}, 0
     for evt in prof.events():
         if cuda and evt.device_type == torch.autograd.DeviceType.CUDA:
             t = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0)
@@ -118,14 +121,62 @@ def profile_step(step, top: int = 12) -> dict:
             t = evt.self_cpu_time_total
         else:
             continue
+        launches += 1
         kernels[evt.name] = kernels.get(evt.name, 0.0) + t / 1000.0  # ms
     families = {}
     for name, ms in kernels.items():
         family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
         families[family] = families.get(family, 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"gpu_ms": sum(kernels.values()), "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+    return {"gpu_ms": sum(kernels.values()), "launches": launches if cuda else count_device_ops(step),
+            "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
             "top": [(n[:90], ms) for n, ms in ranked]}
+
+
+# ops that make no kernel on a GPU: a new view, an uninitialised tensor, a profiler mark, a host read
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "reshape", "slice",
+             "select", "alias", "detach", "as_strided", "split", "split_with_sizes", "chunk", "unbind", "narrow",
+             "view_as", "_reshape_alias", "unflatten", "flatten", "diagonal", "movedim", "lift_fresh", "empty",
+             "empty_like", "empty_strided", "new_empty", "is_same_size", "promote_types", "_record_function_enter_new",
+             "_record_function_exit", "_local_scalar_dense"}  # the last: here mostly AdamW reading its step counts
+
+
+def count_device_ops(step) -> int:
+    """On CPU, what a GPU would launch for one more step: the ops torch dispatches that make a kernel (not views or
+    empty tensors) plus the Triton launches when the kernels are interpreted (the interpreter's own copies in and
+    out of a launch are not counted). A proxy for host time, where a fast GPU waits on Python and dispatch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count, inside = [0], [False]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and func.overloadpacket.__name__ not in NO_KERNEL:
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    executor = None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime.interpreter import GridExecutor as executor
+
+        launch = executor.__call__
+
+        def counted(self, *a, **k):
+            count[0] += 1
+            inside[0] = True
+            try:
+                return launch(self, *a, **k)
+            finally:
+                inside[0] = False
+
+        executor.__call__ = counted
+    try:
+        with Count():
+            step()
+    finally:
+        if executor is not None:
+            executor.__call__ = launch
+    return count[0]
 
 
 def bench(name, path, batch, args, dtype, device):
@@ -162,6 +213,8 @@ def main(argv=None):
     p.add_argument("--paths", nargs="+", default=list(SPEED_UP), choices=list(SPEED_UP))
     p.add_argument("--rounds", type=int, default=1, help="repeat all paths, rotating the order; report medians")
     p.add_argument("--profile", action="store_true", help="GPU time by kernel family for one step per path")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="compute dtype (auto: the device's, fp32 on CPU; bf16 on CPU counts a GPU's casts)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
@@ -169,7 +222,7 @@ def main(argv=None):
     args.layers = args.layers or (2 if args.quick else 4)
     args.seq_len = args.seq_len or (64 if args.quick else 2048)
     device = pick_device()
-    dtype = pick_dtype(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype) or pick_dtype(device)
     config = llama3_8b_config(args.layers, args.quick)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=g).to(device)
@@ -213,7 +266,12 @@ def main(argv=None):
         if r["profile"]:
             prof = r["profile"]
             what = "GPU kernels" if device.type == "cuda" else "CPU op self time (a code check, not a GPU figure)"
-            print(f"\n### {r['path']}: one step, {prof['gpu_ms']:.1f} ms of {what}")
+            print(f"\n### {r['path']}: one step, {prof['gpu_ms']:.1f} ms of {what}, "
+                  f"{prof['launches']} {'kernel launches' if device.type == 'cuda' else 'device ops'}")
+            if device.type == "cuda":  # a step's wall time (timed, unprofiled) against its kernels' time
+                wall = 1000 * args.batch * args.seq_len / r["tokens_per_s"]
+                print(f"wall time per step {wall:.1f} ms: the GPU runs kernels {prof['gpu_ms'] / wall:.0%} of it; "
+                      "the rest is host time (Python, dispatch, launches) the GPU waits on")
             print("| family | ms | share |\n|---|---:|---:|")
             for fam, ms in prof["families"].items():
                 print(f"| {fam} | {ms:.2f} | {ms / prof['gpu_ms']:.1%} |")

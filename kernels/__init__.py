@@ -33,6 +33,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
+def saved_used_once() -> bool:
+    """Whether the running backward frees the graph after it (no `retain_graph` / `create_graph`), so a saved
+    tensor is read by this backward only and may be overwritten: torch's own AOTAutograd asks the same question
+    before reusing saved buffers. False when the question cannot be asked."""
+    ask = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return ask is not None and not ask()
+
+
 def tensor_core_dots(device: torch.device) -> bool:
     """Whether Triton's `tl.dot` runs on tensor cores on this CUDA device. Triton 3.3 and later compile it to plain
     fp32 FMAs below sm_80 (a T4 is sm_75; `kernels/aot.py` counts the instructions), where cuBLAS still has the

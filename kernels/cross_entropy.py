@@ -58,7 +58,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import autocast_dtype, on_device, use_triton
+from . import autocast_dtype, on_device, saved_used_once, use_triton
 from .cross_entropy_tiles import tiles_grad, tiles_loss
 
 try:
@@ -71,6 +71,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk on a GPU
 CPU_CHUNK_BYTES = 32 * 2**20
 TRANSIENT_FRACTION = 0.15  # trainable head: chunk buffers (fp32 logits + dz) <= this x the bytes of dh + dW
 CPU_SLAB_ROWS = 4096  # CPU, low-precision weight: rows (or columns) of W cast to fp32 at a time
+SCALE_SLAB = 2**22  # backward, a low-precision gradient: elements scaled in fp32 at a time (<= 16 MiB, <= 1/8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,6 +513,20 @@ def _check(hidden, weight, labels, bias, reduction):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def _scale_(t, grad):
+    """`t *= grad` in place, the product in fp32 and rounded once to t's dtype, with `grad` left on the device.
+    Reading it on the host (to skip the product when it is 1) would make the CPU wait for the whole loss before it
+    may queue the backward of the layers. A GradScaler's scale or a division by the token count makes it not 1 in
+    training anyway. A graph kept for another backward keeps its saved gradients unscaled: a copy is scaled."""
+    if t is not None and not saved_used_once():
+        t = t.clone()
+    if t is None or t.dtype == torch.float32:
+        return t if t is None else t.mul_(grad)
+    for part in t.view(-1).split(max(1, min(SCALE_SLAB, t.numel() // 8))):  # saved gradients are contiguous
+        part.copy_(part.float().mul_(grad))
+    return t
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_bytes, stream, method):
@@ -542,12 +557,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.reduction != "none":
-            dh, dw, db = ctx.saved_tensors
-            if bool(grad != 1):  # loss.backward() passes exactly 1: hand the saved gradients over as they are
-                g = float(grad)  # a Python float: low-precision tensors are scaled in fp32, in place (no copy)
-                dh = dh.mul_(g) if dh is not None else None
-                dw = dw.mul_(g) if dw is not None else None
-                db = db.mul_(g) if db is not None else None
+            dh, dw, db = (_scale_(t, grad) for t in ctx.saved_tensors)
             db = db.to(ctx.bias_dtype) if db is not None else None
             dh = dh.to(ctx.hidden_dtype) if dh is not None else None
             return dh, dw, db, None, None, None, None, None, None

@@ -22,17 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from . import saved_used_once
 from .nf4 import dequantize_nf4_reference
 from .nf4_lora import decode_weights
 from .swiglu import swiglu_backward, swiglu_forward
-
-
-def _saved_used_once() -> bool:
-    """Whether the running backward frees the graph after it (no `retain_graph` / `create_graph`), so a saved
-    tensor is read by this backward only and may be overwritten: torch's own AOTAutograd asks the same question
-    before reusing saved buffers. False when the question cannot be asked."""
-    ask = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return ask is not None and not ask()
 
 
 class NF4LoRAMLP(torch.autograd.Function):
@@ -68,7 +61,7 @@ class NF4LoRAMLP(torch.autograd.Function):
         dh = dy2 @ wd
         del wd
         dh.addmm_(zd, ad)
-        dgu = gu if _saved_used_once() else torch.empty_like(gu)  # [dg | du] over [g | u] when we may
+        dgu = gu if saved_used_once() else torch.empty_like(gu)  # [dg | du] over [g | u] when we may
         swiglu_backward(dh, gu[:, :i], gu[:, i:], dgu[:, :i], dgu[:, i:])
         h = dh  # overwritten with h by swiglu_backward
         dad = zd.t() @ h if need[13] else None

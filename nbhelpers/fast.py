@@ -78,14 +78,16 @@ def _fused_loss_fn(store: dict, head, method):
         labels = _shifted(labels, shift_labels, ignore_index).to(hidden.device)
         labels = labels[..., labels.shape[-1] - hidden.shape[-2]:]  # logits_to_keep: the kept (last) positions
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        mask = labels != ignore_index
-        h = hidden[mask]  # score only positions with a label
+        # score only positions with a label. Their indices are read here, once; a boolean mask would be read again
+        # in backward (its gradient is a masked write), where the CPU would wait for the whole loss to finish
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
         stream = _streamed(head)
         if num_items_in_batch is None:
-            loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "mean",
-                                              stream=stream, method=method)
+            loss = fused_linear_cross_entropy(h, head.weight, y, head.bias, ignore_index, "mean", stream=stream,
+                                              method=method)
             return loss if h.shape[0] else hidden.sum() * float("nan")  # F.cross_entropy's nan, kept differentiable
-        loss = fused_linear_cross_entropy(h, head.weight, labels[mask], head.bias, ignore_index, "sum", stream=stream,
+        loss = fused_linear_cross_entropy(h, head.weight, y, head.bias, ignore_index, "sum", stream=stream,
                                           method=method)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

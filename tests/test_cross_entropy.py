@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import nbhelpers.kernels.cross_entropy as ce_module
+from host_reads import HostReads
 from nbhelpers.memory import LiveBytes
 from numerics import INTERPRETING, rel_err
 
@@ -88,6 +89,34 @@ def test_all_ignored(ce):
         assert torch.equal(loss.isnan(), ref_loss.isnan()) and (reduction == "mean" or loss.item() == 0.0)
         for got, want in zip(grads, ref_grads):
             assert torch.equal(got, torch.zeros_like(got)) and torch.equal(want, torch.zeros_like(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat16]))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_reads_nothing_on_the_host(ce, dtype, reduction):
+    """Backward only scales the gradients the forward made, by the upstream gradient left on the device: nothing is
+    read on the host (a GPU would wait for the whole loss before queuing the layers' backward). The product is
+    fp32, rounded once: bit for bit the gradient of upstream 1 scaled in fp32. A graph kept for a second backward
+    gives the same gradients twice (its saved gradients are not scaled in place)."""
+    hidden, weight, _, labels = make(4)
+    up = torch.tensor(1 / 3)
+
+    def grads(upstream, keep=False, times=1):
+        x, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        loss = ce.fused_linear_cross_entropy(x, w, labels, reduction=reduction, chunk_bytes=CHUNK)
+        with HostReads() as mode:
+            out = [torch.autograd.grad(loss, (x, w), upstream, retain_graph=keep) for _ in range(times)]
+        assert mode.reads == []
+        return out
+
+    (ones,) = grads(torch.tensor(1.0))
+    first, second = grads(up, keep=True, times=2)
+    for got, again, unit in zip(first, second, ones):
+        assert torch.equal(got, again)
+        if unit.dtype != torch.float16 or unit is ones[1]:  # fp16 dh is made in fp32 and rounded after the scale
+            assert torch.equal(got, (unit.float() * up).to(dtype))
+    (last,) = grads(up)
+    assert all(torch.equal(a, b) for a, b in zip(last, first))
 
 
 def test_token_logprobs(ce):
@@ -169,6 +198,22 @@ def test_hook_llama_and_peft(tiny_llama):
     _compare_model(peft_model, batch)
     with torch.no_grad():  # generation path untouched
         assert peft_model(input_ids=batch["input_ids"]).logits.shape[-1] == model.config.vocab_size
+
+
+def test_hooked_loss_backward_reads_nothing_on_the_host(tiny_llama):
+    """The hooked loss finds the labelled positions once, in forward; the model's whole backward (its loss first)
+    then reads nothing on the host, so on a GPU the CPU queues it while the loss still runs."""
+    from transformers import AutoModelForCausalLM
+
+    from nbhelpers.fast import use_fused_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    use_fused_loss(model)
+    for kw in ({}, {"num_items_in_batch": torch.tensor(23)}):
+        out = model(**_batch(model.config.vocab_size), **kw)
+        with HostReads() as mode:
+            out.loss.backward()
+        assert mode.reads == [], mode.reads
 
 
 def test_hook_gpt_oss(tiny_gpt_oss):
