@@ -47,9 +47,9 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sft_step import LORA_R, bench_path, load_plain, save_random_model  # noqa: E402
+from sft_step import LORA_R, bench_path, chosen_dtype, load_plain, save_random_model  # noqa: E402
 
-from nbhelpers.env import pick_device, pick_dtype  # noqa: E402
+from nbhelpers.env import pick_device  # noqa: E402
 
 
 def llama3_8b_config(layers: int, quick: bool):
@@ -147,6 +147,8 @@ def count_device_ops(step) -> int:
     out of a launch are not counted). A proxy for host time, where a fast GPU waits on Python and dispatch."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from nbhelpers.kernels import wrap_interpreted_launches
+
     count, inside = [0], [False]
 
     class Count(TorchDispatchMode):
@@ -155,27 +157,21 @@ def count_device_ops(step) -> int:
                 count[0] += 1
             return func(*args, **(kwargs or {}))
 
-    executor = None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from triton.runtime.interpreter import GridExecutor as executor
+    def counted(launch, *args, **kwargs):
+        count[0] += 1
+        inside[0] = True
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            inside[0] = False
 
-        launch = executor.__call__
-
-        def counted(self, *a, **k):
-            count[0] += 1
-            inside[0] = True
-            try:
-                return launch(self, *a, **k)
-            finally:
-                inside[0] = False
-
-        executor.__call__ = counted
+    unwrap = wrap_interpreted_launches(counted)
     try:
         with Count():
             step()
     finally:
-        if executor is not None:
-            executor.__call__ = launch
+        if unwrap is not None:
+            unwrap()
     return count[0]
 
 
@@ -222,7 +218,7 @@ def main(argv=None):
     args.layers = args.layers or (2 if args.quick else 4)
     args.seq_len = args.seq_len or (64 if args.quick else 2048)
     device = pick_device()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype) or pick_dtype(device)
+    dtype = chosen_dtype(args.dtype, device)
     config = llama3_8b_config(args.layers, args.quick)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=g).to(device)

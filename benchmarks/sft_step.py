@@ -208,6 +208,12 @@ def print_report(report: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def chosen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`--dtype`: "auto" is the device's (bf16 from sm_80, fp16 below, fp32 on CPU), else bf16, fp16 or fp32."""
+    return pick_dtype(device) if name == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                       "fp32": torch.float32}[name]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["qwen2.5-1.5b", "llama-3.2-1b", "tiny"], default="qwen2.5-1.5b")
@@ -224,8 +230,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtype = pick_dtype(device) if args.dtype == "auto" else dtypes[args.dtype]
+    dtype = chosen_dtype(args.dtype, device)
     config = model_config(args.model)
 
     g = torch.Generator().manual_seed(SEED)

@@ -33,6 +33,32 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return interpreting() and all(t.device.type == "cpu" for t in tensors)
 
 
+def wrap_interpreted_launches(around):
+    """Under the Triton interpreter, make every launch run as `around(launch, *args, **kwargs)`, `launch` being the
+    interpreter's own. Returns the function that undoes it, or None when nothing was wrapped (not interpreting, or
+    an interpreter without `GridExecutor.__call__`)."""
+    if not interpreting():
+        return None
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    executor = getattr(interpreter, "GridExecutor", None)
+    if executor is None or "__call__" not in vars(executor):
+        return None
+    launch = vars(executor)["__call__"]
+
+    def call(self, *args, **kwargs):
+        return around(lambda *a, **k: launch(self, *a, **k), *args, **kwargs)
+
+    executor.__call__ = call
+
+    def restore():
+        executor.__call__ = launch
+
+    return restore
+
+
 def saved_used_once() -> bool:
     """Whether the running backward frees the graph after it (no `retain_graph` / `create_graph`), so a saved
     tensor is read by this backward only and may be overwritten: torch's own AOTAutograd asks the same question

@@ -518,10 +518,12 @@ def _scale_(t, grad):
     Reading it on the host (to skip the product when it is 1) would make the CPU wait for the whole loss before it
     may queue the backward of the layers. A GradScaler's scale or a division by the token count makes it not 1 in
     training anyway. A graph kept for another backward keeps its saved gradients unscaled: a copy is scaled."""
-    if t is not None and not saved_used_once():
+    if t is None:
+        return None
+    if not saved_used_once():
         t = t.clone()
-    if t is None or t.dtype == torch.float32:
-        return t if t is None else t.mul_(grad)
+    if t.dtype == torch.float32:
+        return t.mul_(grad)
     for part in t.view(-1).split(max(1, min(SCALE_SLAB, t.numel() // 8))):  # saved gradients are contiguous
         part.copy_(part.float().mul_(grad))
     return t

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import weakref
 
 import torch
@@ -568,31 +567,24 @@ class LiveBytes(TorchDispatchMode):
 def _collect_after_interpreted_launches():
     """Under TRITON_INTERPRET=1: run the garbage collector after each interpreted launch (see `LiveBytes`), with the
     objects that exist now frozen. Returns the function that undoes it (a no-op otherwise)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    from .kernels import wrap_interpreted_launches
+
+    def collect_after(launch, *args, **kwargs):
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            gc.collect()
+
+    unwrap = wrap_interpreted_launches(collect_after)
+    if unwrap is None:
         return lambda: None
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return lambda: None
-    executor = getattr(interpreter, "GridExecutor", None)
-    if executor is None or "__call__" not in vars(executor):
-        return lambda: None
-    launch = vars(executor)["__call__"]
     froze = gc.get_freeze_count() == 0
     if froze:
         gc.collect()
         gc.freeze()
 
-    def call(self, *args, **kwargs):
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            gc.collect()
-
-    executor.__call__ = call
-
     def restore():
-        executor.__call__ = launch
+        unwrap()
         if froze:
             gc.unfreeze()
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                            FakeTensorMode)
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nbhelpers as nb
+from host_reads import HostReads
 
 # gpt_oss_swiglu first: moe imports it, and must bind the reloaded (interpreted or not) module
 KERNEL_MODULES = ("nbhelpers.kernels.gpt_oss_swiglu", "nbhelpers.kernels.mxfp4", "nbhelpers.kernels.mxfp4_matmul",
@@ -206,21 +206,6 @@ def test_sync_free_is_the_no_grad_decode_default_and_refuses_gradients(monkeypat
 
 
 # --- no host read: the Triton path on fake tensors ---------------------------------------------------------------
-class HostTraffic(TorchDispatchMode):
-    """Records reads of tensor values on the host and tensors made from host data (torch.tensor(list)), i.e. what
-    would be a device->host sync or a host->device copy on CUDA."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default,
-                    torch.ops.aten.lift_fresh_copy.default):
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 class StubKernel:
     """Stands in for `_grouped_mxfp4_matmul[grid](...)`: checks what a launch would get, computes nothing."""
 
@@ -264,10 +249,10 @@ def test_sync_free_moe_reads_nothing_back(fake_triton, tokens):
 
     with FakeTensorMode():
         args = _fake(_moe_inputs(tokens))
-        with torch.no_grad(), HostTraffic() as traffic:
+        with torch.no_grad(), HostReads(host_data=True) as traffic:
             out = moe.moe_experts(*args)
     assert out.shape == args[0].shape
-    assert fake_triton.launches == 2 and traffic.seen == []
+    assert fake_triton.launches == 2 and traffic.reads == []
     # the harness can fail: the training path reads the counts back
     with FakeTensorMode():
         args = _fake(_moe_inputs(tokens))
@@ -282,12 +267,12 @@ def test_list_counts_are_host_traffic(fake_triton):
     with FakeTensorMode():
         blocks, scales, bias = _fake(_proj(3, 8, 32, torch.Generator().manual_seed(0)))
         x, counts = torch.randn(5, 32), torch.empty(3, dtype=torch.int64)
-        with torch.no_grad(), HostTraffic() as traffic:
+        with torch.no_grad(), HostReads(host_data=True) as traffic:
             grouped_mxfp4_matmul(x, blocks, scales, bias, counts)
-        assert traffic.seen == []
-        with torch.no_grad(), HostTraffic() as traffic:
+        assert traffic.reads == []
+        with torch.no_grad(), HostReads(host_data=True) as traffic:
             grouped_mxfp4_matmul(x, blocks, scales, bias, [2, 0, 3])
-    assert "aten.lift_fresh.default" in traffic.seen and fake_triton.launches == 2
+    assert "aten.lift_fresh.default" in traffic.reads and fake_triton.launches == 2
 
 
 # --- the custom op and a compiled decode step ---------------------------------------------------------------------
@@ -379,8 +364,8 @@ def test_list_counts_copy_one_tile_table_per_step(fake_triton):
 
     blocks, scales, bias = _proj(3, 8, 32, torch.Generator().manual_seed(0))
     x = torch.randn(5, 32, requires_grad=True)
-    with HostTraffic() as traffic:
+    with HostReads(host_data=True) as traffic:
         y = grouped_mxfp4_matmul(x, blocks, scales, bias, [2, 0, 3])
         y.backward(torch.ones_like(y))
     assert fake_triton.launches == 2
-    assert traffic.seen.count("aten.lift_fresh.default") == 1, traffic.seen
+    assert traffic.reads.count("aten.lift_fresh.default") == 1, traffic.reads
